@@ -1,0 +1,47 @@
+"""pmmrec_hf: transferable multi-modal sequential recommendation (PMMRec) the Hugging Face way."""
+
+from transformers import AutoConfig, AutoModel
+
+from .configuration_pmmrec import PMMRecConfig, PMMRecItemEncoderConfig, PMMRecUserEncoderConfig
+from .modeling_pmmrec import (
+    BackboneTower,
+    PMMRecItemEncoder,
+    PMMRecItemEncoderOutput,
+    PMMRecModel,
+    PMMRecModelOutput,
+    PMMRecPreTrainedModel,
+    PMMRecUserEncoder,
+    PMMRecUserEncoderOutput,
+)
+
+__version__ = "0.1.0"
+
+
+def _register() -> None:
+    for config_class, model_class in (
+        (PMMRecItemEncoderConfig, PMMRecItemEncoder),
+        (PMMRecUserEncoderConfig, PMMRecUserEncoder),
+        (PMMRecConfig, PMMRecModel),
+    ):
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModel.register(config_class, model_class, exist_ok=True)
+        # saved checkpoints carry their code and an auto_map, so they load with trust_remote_code
+        config_class.register_for_auto_class()
+        model_class.register_for_auto_class("AutoModel")
+
+
+_register()
+
+__all__ = [
+    "PMMRecConfig",
+    "PMMRecItemEncoderConfig",
+    "PMMRecUserEncoderConfig",
+    "PMMRecPreTrainedModel",
+    "PMMRecItemEncoder",
+    "PMMRecUserEncoder",
+    "PMMRecModel",
+    "PMMRecItemEncoderOutput",
+    "PMMRecUserEncoderOutput",
+    "PMMRecModelOutput",
+    "BackboneTower",
+]

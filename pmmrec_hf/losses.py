@@ -1,0 +1,271 @@
+"""PMMRec training objectives as pure functions on embeddings, indices and masks.
+
+Shapes: B users, S sequence slots (left-padded, -1 = padding), N distinct items of this process's
+batch, C candidate items (N, or the items of every process when negatives are gathered), P real
+(input, target) positions, A real item positions (anchors), d / p feature sizes.
+
+This file travels with Hub checkpoints (``trust_remote_code``): it imports only torch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "first_occurrence_index",
+    "gather_across_processes",
+    "distributed_mean",
+    "next_item_loss",
+    "nicl_loss",
+    "nid_loss",
+    "rcl_loss",
+]
+
+
+def first_occurrence_index(ids: torch.Tensor) -> torch.Tensor:
+    """For every element, the index of the first element with the same id. ids: (C,) -> (C,) long."""
+    count = ids.shape[0]
+    _, inverse = torch.unique(ids, return_inverse=True)  # (C,)
+    positions = torch.arange(count, device=ids.device)  # (C,)
+    first = torch.full((int(inverse.max()) + 1 if count else 0,), count, dtype=torch.long, device=ids.device)
+    first = first.scatter_reduce(0, inverse, positions, reduce="amin")  # (G,)
+    return first[inverse]  # (C,)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+def gather_across_processes(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Concatenate a tensor's rows over all processes, keeping gradients for this process's rows.
+
+    Rows are padded to the largest count so processes may hold different numbers of rows.
+    Returns (gathered (W * M, ...), valid (W * M,) bool, offset of this process's first row).
+    Without an initialised process group (or with one process) returns the tensor itself.
+    """
+    rows = tensor.shape[0]
+    if not _distributed():
+        return tensor, torch.ones(rows, dtype=torch.bool, device=tensor.device), 0
+    import torch.distributed.nn.functional as dist_fn
+
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    counts = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world)]
+    torch.distributed.all_gather(counts, torch.tensor([rows], dtype=torch.long, device=tensor.device))
+    counts = [int(c.item()) for c in counts]
+    width = max(counts)
+    padded = F.pad(tensor, [0, 0] * (tensor.dim() - 1) + [0, width - rows])  # (M, ...)
+    gathered = torch.cat(dist_fn.all_gather(padded), dim=0)  # (W * M, ...)
+    valid = torch.cat(
+        [torch.arange(width, device=tensor.device) < count for count in counts]
+    )  # (W * M,)
+    return gathered, valid, rank * width
+
+
+def distributed_mean(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Turn this process's loss sum into its share of the global mean.
+
+    With W processes, returns total * W / global_count, so that averaging gradients over processes (DDP)
+    gives the gradient of the mean over all processes' examples, and the mean of the returned values over
+    processes equals that global mean. With one process: total / count.
+    """
+    count = count.detach().to(total.dtype)
+    if not _distributed():
+        return total / count.clamp(min=1)
+    global_count = count.clone()
+    torch.distributed.all_reduce(global_count)
+    return total * torch.distributed.get_world_size() / global_count.clamp(min=1)
+
+
+def _user_item_ids(item_index: torch.Tensor, item_ids: torch.Tensor) -> torch.Tensor:
+    """Item id of every sequence slot, -1 at padding. item_index: (B, S) -> (B, S)."""
+    ids = item_ids[item_index.clamp(min=0)]  # (B, S)
+    return torch.where(item_index >= 0, ids, torch.full_like(ids, -1))  # (B, S)
+
+
+def next_item_loss(
+    query: torch.Tensor,
+    candidates: torch.Tensor,
+    targets: torch.Tensor,
+    query_users: torch.Tensor,
+    user_item_ids: torch.Tensor,
+    candidate_ids: torch.Tensor,
+    candidate_log_q: torch.Tensor | None = None,
+    candidate_valid: torch.Tensor | None = None,
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """In-batch softmax next-item loss over every real position ("all-action").
+
+    Args:
+        query: (P, d) user states at real input positions whose next item is real.
+        candidates: (C, d) embeddings of the candidate items.
+        targets: (P,) index of each position's next item among the candidates.
+        query_users: (P,) which user (row of `user_item_ids`) each position belongs to.
+        user_item_ids: (B, S) item ids of every user's whole sequence, -1 at padding.
+        candidate_ids: (C,) item ids of the candidates.
+        candidate_log_q: (C,) optional log popularity, subtracted from the logits (log-q correction).
+        candidate_valid: (C,) optional mask of real candidates (False for padding rows of a gather).
+        reduction: "mean" or "sum" over positions.
+
+    Candidates are masked out for a position when their id occurs anywhere in the position's user's
+    sequence (false negatives) unless they are that position's positive; duplicate candidates (the same id
+    more than once) count once: every copy after the first is masked and the positive is mapped to the
+    first copy, so the loss does not depend on how the batch was split into distinct items.
+    """
+    canonical = first_occurrence_index(candidate_ids)  # (C,)
+    is_first = canonical == torch.arange(candidate_ids.shape[0], device=candidate_ids.device)  # (C,)
+    if candidate_valid is not None:
+        is_first = is_first & candidate_valid
+    target_canonical = canonical[targets]  # (P,)
+    logits = query @ candidates.t()  # (P, C)
+    if candidate_log_q is not None:
+        logits = logits - candidate_log_q.to(logits.dtype)[None, :]  # (P, C)
+    in_sequence = (candidate_ids[None, :, None] == user_item_ids[:, None, :]).any(-1)  # (B, C)
+    false_negative = in_sequence[query_users]  # (P, C)
+    is_target = torch.arange(candidate_ids.shape[0], device=logits.device)[None, :] == target_canonical[:, None]
+    masked = (false_negative & ~is_target) | ~is_first[None, :]  # (P, C)
+    logits = logits.masked_fill(masked, torch.finfo(logits.dtype).min)  # (P, C)
+    losses = F.cross_entropy(logits.float(), target_canonical, reduction="none")  # (P,)
+    if reduction == "sum":
+        return losses.sum()
+    if reduction == "mean":
+        return losses.mean() if losses.numel() else losses.sum()
+    raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
+
+
+def nicl_loss(
+    text_features: torch.Tensor,
+    vision_features: torch.Tensor,
+    item_index: torch.Tensor,
+    item_ids: torch.Tensor,
+    temperature: float = 0.1,
+    candidate_text: torch.Tensor | None = None,
+    candidate_vision: torch.Tensor | None = None,
+    candidate_ids: torch.Tensor | None = None,
+    candidate_is_local: torch.Tensor | None = None,
+    candidate_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """NICL: next-item enhanced cross-modal contrastive loss (the design adopted in the reference).
+
+    Args:
+        text_features, vision_features: (N, p) L2-normalised per-modality features of the N distinct items.
+        item_index: (B, S) sequences as indices into the N items, -1 at padding (left-padded).
+        item_ids: (N,) item ids.
+        temperature: softmax temperature.
+        candidate_text, candidate_vision, candidate_ids: (C, p), (C, p), (C,) negatives pool; defaults to the
+            local items. When gathered across processes, local rows must come first at their local indices
+            or be flagged by `candidate_is_local`.
+        candidate_is_local: (C,) bool, True for candidates that are this process's item of the same index
+            (index c < N); remote candidates belong to other users by construction.
+        candidate_valid: (C,) bool, False for padding rows of a gather.
+
+    Anchor t(u,l) for every real item; positives: its own image v(u,l) and, when l+1 is real, the next
+    item's text t(u,l+1) and image v(u,l+1). Negatives: text and image features of other users' items whose
+    id differs from every positive's id, each distinct id once. Per-positive InfoNCE averaged over the
+    anchor's positives, then over anchors; the symmetric direction (image anchor) likewise; the mean of the
+    two directions.
+    """
+    num_items = text_features.shape[0]
+    if candidate_text is None:
+        candidate_text, candidate_vision, candidate_ids = text_features, vision_features, item_ids
+        candidate_is_local = torch.ones(num_items, dtype=torch.bool, device=item_ids.device)
+    num_candidates = candidate_ids.shape[0]
+    device = item_ids.device
+    if candidate_valid is None:
+        candidate_valid = torch.ones(num_candidates, dtype=torch.bool, device=device)
+
+    batch, slots = item_index.shape
+    real = item_index >= 0  # (B, S)
+    # which local items each user holds
+    occurrence = torch.zeros(batch, num_items, dtype=torch.bool, device=device)  # (B, N)
+    occurrence[torch.arange(batch, device=device)[:, None].expand_as(item_index)[real], item_index[real]] = True
+    holders = occurrence.sum(0)  # (N,)
+    local_col = torch.arange(num_candidates, device=device).clamp(max=max(num_items - 1, 0))  # (C,)
+    held_by_other = (holders[local_col][None, :] - occurrence[:, local_col].long()) > 0  # (B, C)
+    eligible = torch.where(candidate_is_local[None, :], held_by_other, torch.ones_like(held_by_other))  # (B, C)
+    eligible = eligible & candidate_valid[None, :]  # (B, C)
+    # keep one eligible copy per (user, id)
+    _, group = torch.unique(candidate_ids, return_inverse=True)  # (C,)
+    columns = torch.arange(num_candidates, device=device)  # (C,)
+    first = torch.full((batch, int(group.max()) + 1), num_candidates, dtype=torch.long, device=device)
+    first = first.scatter_reduce(
+        1, group[None, :].expand(batch, -1), torch.where(eligible, columns[None, :], num_candidates), reduce="amin"
+    )  # (B, G)
+    keep = eligible & (first.gather(1, group[None, :].expand(batch, -1)) == columns[None, :])  # (B, C)
+
+    # anchors: every real position; next item where the next slot is real
+    anchor_user, anchor_slot = real.nonzero(as_tuple=True)  # (A,), (A,)
+    anchor_item = item_index[anchor_user, anchor_slot]  # (A,)
+    next_slot = (anchor_slot + 1).clamp(max=slots - 1)  # (A,)
+    next_item = item_index[anchor_user, next_slot]  # (A,)
+    has_next = (anchor_slot + 1 < slots) & (next_item >= 0)  # (A,)
+    next_item = torch.where(has_next, next_item, anchor_item)  # (A,)
+    anchor_id, next_id = item_ids[anchor_item], item_ids[next_item]  # (A,), (A,)
+    negative = keep[anchor_user] & (candidate_ids[None, :] != anchor_id[:, None]) & (
+        candidate_ids[None, :] != next_id[:, None]
+    )  # (A, C)
+    pos_valid = torch.stack([torch.ones_like(has_next), has_next, has_next], dim=1)  # (A, 3)
+
+    def direction(anchor_feats: torch.Tensor, own_other: torch.Tensor) -> torch.Tensor:
+        # anchor_feats: (A, p); own_other: (A, p) the anchor item's other modality
+        positives = torch.stack(
+            [own_other, text_features[next_item], vision_features[next_item]], dim=1
+        )  # (A, 3, p)
+        pos_logits = (positives * anchor_feats[:, None, :]).sum(-1) / temperature  # (A, 3)
+        neg_logits = torch.cat([anchor_feats @ candidate_text.t(), anchor_feats @ candidate_vision.t()], 1)
+        neg_logits = (neg_logits / temperature).masked_fill(
+            ~negative.repeat(1, 2), float("-inf")
+        )  # (A, 2C)
+        neg_lse = torch.logsumexp(neg_logits.float(), dim=1)  # (A,)
+        per_positive = torch.logaddexp(pos_logits.float(), neg_lse[:, None]) - pos_logits.float()  # (A, 3)
+        per_positive = per_positive.masked_fill(~pos_valid, 0.0)  # (A, 3)
+        per_anchor = per_positive.sum(1) / pos_valid.sum(1)  # (A,)
+        return per_anchor.mean() if per_anchor.numel() else per_anchor.sum()
+
+    text_anchor = text_features[anchor_item]  # (A, p)
+    vision_anchor = vision_features[anchor_item]  # (A, p)
+    # for the text anchor the first positive is the own image; for the image anchor, the own text
+    loss_text = direction(text_anchor, vision_anchor)
+    loss_vision = direction(vision_anchor, text_anchor)
+    return (loss_text + loss_vision) / 2
+
+
+def nid_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """NID: binary cross-entropy of "changed vs original" over real positions.
+
+    logits: (B, L) per-position scores on the corrupted sequence; labels: (B, L) 1 changed, 0 original,
+    -100 padding (ignored). Mean over real positions.
+    """
+    real = labels != -100  # (B, L)
+    if not real.any():
+        return logits.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(logits[real].float(), labels[real].float())
+
+
+def rcl_loss(
+    clean: torch.Tensor,
+    corrupted: torch.Tensor,
+    temperature: float = 0.1,
+    all_clean: torch.Tensor | None = None,
+    all_corrupted: torch.Tensor | None = None,
+    offset: int = 0,
+    valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """RCL: symmetric InfoNCE between clean and corrupted user representations.
+
+    clean, corrupted: (B, d) representations of the same users; all_clean / all_corrupted: (M, d)
+    the pools of every process (defaults to the local ones), where this process's users sit at rows
+    offset..offset+B-1; valid: (M,) False for padding rows of a gather. Cosine similarity / temperature;
+    the other users are the negatives. Mean of both directions.
+    """
+    clean_n = F.normalize(clean, dim=-1)  # (B, d)
+    corrupted_n = F.normalize(corrupted, dim=-1)  # (B, d)
+    pool_clean = F.normalize(all_clean, dim=-1) if all_clean is not None else clean_n  # (M, d)
+    pool_corrupted = F.normalize(all_corrupted, dim=-1) if all_corrupted is not None else corrupted_n  # (M, d)
+    targets = torch.arange(clean.shape[0], device=clean.device) + offset  # (B,)
+    logits_a = clean_n @ pool_corrupted.t() / temperature  # (B, M)
+    logits_b = corrupted_n @ pool_clean.t() / temperature  # (B, M)
+    if valid is not None:
+        logits_a = logits_a.masked_fill(~valid[None, :], float("-inf"))
+        logits_b = logits_b.masked_fill(~valid[None, :], float("-inf"))
+    return (F.cross_entropy(logits_a.float(), targets) + F.cross_entropy(logits_b.float(), targets)) / 2

@@ -1,0 +1,817 @@
+"""PMMRec models: item encoder, user encoder and the full pre-training model.
+
+This file travels with every Hub checkpoint (``trust_remote_code`` loading): it imports only torch,
+transformers and its sibling files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from .configuration_pmmrec import PMMRecConfig, PMMRecItemEncoderConfig, PMMRecUserEncoderConfig
+from .losses import (
+    _user_item_ids,
+    distributed_mean,
+    gather_across_processes,
+    next_item_loss,
+    nicl_loss,
+    nid_loss,
+    rcl_loss,
+)
+
+try:  # transformers >= 4.52
+    from transformers.modeling_layers import GradientCheckpointingLayer as _LayerBase
+except ImportError:  # pragma: no cover
+    _LayerBase = nn.Module
+
+try:
+    from transformers import initialization as _init
+except ImportError:  # pragma: no cover
+    _init = nn.init
+
+
+# --------------------------------------------------------------------------------------------------
+# outputs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PMMRecItemEncoderOutput(ModelOutput):
+    """
+    item_embeddings: (N, d) one embedding per item (fused, or single-modality for text/vision encoders).
+    text_embeddings: (N, d) masked mean of the projected text tokens (None without a text tower).
+    vision_embeddings: (N, d) mean of the projected image tokens (None without a vision tower).
+    last_hidden_state: (N, T + V, d) fused token states (multimodal only).
+    """
+
+    item_embeddings: torch.Tensor | None = None
+    text_embeddings: torch.Tensor | None = None
+    vision_embeddings: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+
+
+@dataclass
+class PMMRecUserEncoderOutput(ModelOutput):
+    """
+    last_hidden_state: (B, S, d) user state after each sequence position.
+    user_embeddings: (B, d) the state at the last position (the last real item, sequences are left-padded).
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    user_embeddings: torch.Tensor | None = None
+
+
+@dataclass
+class PMMRecModelOutput(ModelOutput):
+    """
+    loss: weighted sum of the computed objectives.
+    next_item_loss, nicl_loss, nid_loss, rcl_loss: each objective (None when not computed).
+    item_embeddings: (N, d) embeddings of the batch's distinct items.
+    user_states: (B, S', d) user-encoder states over the input positions.
+    user_embeddings: (B, d) state at the last input position.
+    nid_logits: (B, S') noised-item-detection scores on the corrupted sequence.
+    """
+
+    loss: torch.Tensor | None = None
+    next_item_loss: torch.Tensor | None = None
+    nicl_loss: torch.Tensor | None = None
+    nid_loss: torch.Tensor | None = None
+    rcl_loss: torch.Tensor | None = None
+    item_embeddings: torch.Tensor | None = None
+    user_states: torch.Tensor | None = None
+    user_embeddings: torch.Tensor | None = None
+    nid_logits: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------------
+# backbone towers: frozen lower part without autograd, trainable top blocks
+# --------------------------------------------------------------------------------------------------
+
+_BLOCK_PATHS = (
+    "encoder.layer",
+    "encoder.layers",
+    "layers",
+    "layer",
+    "vision_model.encoder.layers",
+    "text_model.encoder.layers",
+    "encoder.stages",
+    "stages",
+    "timm_model.blocks",
+    "blocks",
+)
+
+
+class _StopForward(Exception):
+    def __init__(self, hidden: torch.Tensor):
+        self.hidden = hidden
+
+
+def _resolve(module: nn.Module, path: str) -> tuple[nn.Module, str, nn.Module] | None:
+    parent = module
+    *parents, name = path.split(".")
+    for attr in parents:
+        parent = getattr(parent, attr, None)
+        if not isinstance(parent, nn.Module):
+            return None
+    blocks = getattr(parent, name, None)
+    if isinstance(blocks, (nn.ModuleList, nn.Sequential)) and len(blocks) > 0:
+        return parent, name, blocks
+    return None
+
+
+def find_blocks(backbone: nn.Module) -> tuple[nn.Module, str, nn.Module]:
+    """The (parent, attribute, ModuleList) holding a backbone's stack of blocks."""
+    for path in _BLOCK_PATHS:
+        found = _resolve(backbone, path)
+        if found is not None:
+            return found
+    raise ValueError(
+        f"Cannot find the stack of blocks of backbone {type(backbone).__name__}: looked for "
+        f"{', '.join(_BLOCK_PATHS)}. Use a backbone with one of these layouts."
+    )
+
+
+def _first_tensor(value):
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, (tuple, list)):
+        return value[0]
+    return value[0] if hasattr(value, "__getitem__") else value
+
+
+class BackboneTower(nn.Module):
+    """A pretrained backbone split into a frozen bottom (stem + lower blocks) and trainable top blocks.
+
+    `frozen_features(inputs)` runs the frozen bottom in inference mode and returns the hidden state that
+    enters the first trainable block; `forward_from_features(hidden, attention_mask)` runs the trainable top
+    on it through the backbone's own forward (its stem bypassed, its block list sliced), so the same code
+    path serves recomputation and a per-item feature cache. Token states are the last block's output
+    (before any final layer norm); a convolutional backbone's last feature map is flattened to tokens.
+    """
+
+    def __init__(self, backbone: nn.Module, trainable_layers: int, input_name: str):
+        super().__init__()
+        self.backbone = backbone
+        self.input_name = input_name
+        self.trainable_layers = trainable_layers
+        _, _, blocks = find_blocks(backbone)
+        self.num_blocks = len(blocks)
+        if trainable_layers < 0:
+            self.first_trainable = 0
+        else:
+            self.first_trainable = max(self.num_blocks - trainable_layers, 0)
+        self._stem_names: list[str] | None = None
+
+    @property
+    def fully_trainable(self) -> bool:
+        return self.trainable_layers < 0
+
+    def apply_freezing(self) -> None:
+        """Freeze everything but the top blocks (or nothing, for trainable_layers = -1)."""
+        if self.fully_trainable:
+            self.backbone.requires_grad_(True)
+            return
+        self.backbone.requires_grad_(False)
+        _, _, blocks = find_blocks(self.backbone)
+        for block in list(blocks)[self.first_trainable :]:
+            block.requires_grad_(True)
+
+    def _call(self, inputs: dict) -> object:
+        return self.backbone(**inputs, return_dict=True)
+
+    def _discover_stem(self, inputs: dict) -> list[str]:
+        """Names of the outermost modules that run before the first block (the backbone's stem)."""
+        _, _, blocks = find_blocks(self.backbone)
+        block_ids = {id(m) for b in blocks for m in b.modules()}
+        finished: list[str] = []
+        handles = []
+        for name, module in self.backbone.named_modules():
+            if name and id(module) not in block_ids:
+                handles.append(module.register_forward_hook(lambda m, a, o, name=name: finished.append(name)))
+
+        def stop(module, args, kwargs):
+            raise _StopForward(args[0] if args else next(iter(kwargs.values())))
+
+        handles.append(blocks[0].register_forward_pre_hook(stop, with_kwargs=True))
+        try:
+            with torch.no_grad():
+                self._call(inputs)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        outer = [n for n in finished if not any(n.startswith(o + ".") for o in finished if o != n)]
+        if not outer:
+            raise ValueError(f"Found no stem module before the first block of {type(self.backbone).__name__}.")
+        return outer
+
+    @torch.no_grad()
+    def frozen_features(self, inputs: dict) -> torch.Tensor:
+        """Hidden state entering the first trainable block, computed in inference mode (no dropout)."""
+        _, _, blocks = find_blocks(self.backbone)
+        if self._stem_names is None:
+            self._stem_names = self._discover_stem(inputs)
+        captured: dict[str, torch.Tensor] = {}
+        if self.first_trainable < self.num_blocks:
+
+            def stop(module, args, kwargs):
+                raise _StopForward(args[0] if args else kwargs["hidden_states"])
+
+            handle = blocks[self.first_trainable].register_forward_pre_hook(stop, with_kwargs=True)
+        else:
+
+            def grab(module, args, output):
+                captured["hidden"] = _first_tensor(output)
+
+            handle = blocks[self.num_blocks - 1].register_forward_hook(grab)
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            self._call(inputs)
+        except _StopForward as stop_signal:
+            captured["hidden"] = stop_signal.hidden
+        finally:
+            handle.remove()
+            self.backbone.train(was_training)
+        return captured["hidden"]
+
+    def forward_from_features(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the trainable top blocks on frozen features; returns token states (N, tokens, width)."""
+        if self._stem_names is None:
+            raise RuntimeError("frozen_features must run once before forward_from_features (stem discovery).")
+        parent, attr, blocks = find_blocks(self.backbone)
+        top = type(blocks)(list(blocks)[self.first_trainable :])
+        modules = dict(self.backbone.named_modules())
+        stems = [modules[name] for name in self._stem_names]
+        captured: dict[str, torch.Tensor] = {}
+
+        def first_stem(*args, **kwargs):
+            return hidden
+
+        def identity(*args, **kwargs):
+            return args[0] if args else next(iter(kwargs.values()))
+
+        handle = None
+        if len(top) > 0:
+            handle = top[len(top) - 1].register_forward_hook(
+                lambda m, a, o: captured.__setitem__("hidden", _first_tensor(o))
+            )
+        setattr(parent, attr, top)
+        for index, stem in enumerate(stems):
+            stem.forward = first_stem if index == 0 else identity
+        try:
+            inputs = {self.input_name: hidden}
+            if attention_mask is not None:
+                inputs["attention_mask"] = attention_mask
+            output = self._call(inputs)
+        finally:
+            for stem in stems:
+                del stem.forward
+            setattr(parent, attr, blocks)
+            if handle is not None:
+                handle.remove()
+        last = output.last_hidden_state if hasattr(output, "last_hidden_state") else _first_tensor(output)
+        if last.dim() == 4:  # conv feature map (N, C, h, w) -> tokens (N, h*w, C)
+            return last.flatten(2).transpose(1, 2)
+        return captured.get("hidden", hidden)
+
+    def forward(self, inputs: dict, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fully_trainable:
+            captured: dict[str, torch.Tensor] = {}
+            _, _, blocks = find_blocks(self.backbone)
+            handle = blocks[self.num_blocks - 1].register_forward_hook(
+                lambda m, a, o: captured.__setitem__("hidden", _first_tensor(o))
+            )
+            try:
+                output = self._call(inputs)
+            finally:
+                handle.remove()
+            last = output.last_hidden_state
+            return last.flatten(2).transpose(1, 2) if last.dim() == 4 else captured["hidden"]
+        return self.forward_from_features(self.frozen_features(inputs), attention_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# transformer layer shared by the fusion and the user encoder
+# --------------------------------------------------------------------------------------------------
+
+
+class PMMRecAttention(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = hidden_size // num_heads
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.output = nn.Linear(hidden_size, hidden_size)
+        self.dropout = dropout
+
+    def forward(self, hidden: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        # hidden: (B, T, d); allowed: (B, 1, T, T) bool, True where a query may attend to a key
+        batch, length, _ = hidden.shape
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, T, dh)
+
+        q, k, v = heads(self.query(hidden)), heads(self.key(hidden)), heads(self.value(hidden))
+        context = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
+        )  # (B, h, T, dh)
+        return self.output(context.transpose(1, 2).reshape(batch, length, -1))  # (B, T, d)
+
+
+class PMMRecTransformerLayer(_LayerBase):
+    """A BERT/SASRec transformer layer: attention + FFN, residuals, post- or pre-layer-norm."""
+
+    def __init__(self, hidden_size, num_heads, intermediate_size, act, dropout, attention_dropout, eps, position="post"):
+        super().__init__()
+        self.attention = PMMRecAttention(hidden_size, num_heads, attention_dropout)
+        self.attention_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.intermediate = nn.Linear(hidden_size, intermediate_size)
+        self.act = ACT2FN[act]
+        self.ffn_output = nn.Linear(intermediate_size, hidden_size)
+        self.ffn_norm = nn.LayerNorm(hidden_size, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+        self.pre_norm = position == "pre"
+
+    def forward(self, hidden: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        if self.pre_norm:
+            hidden = hidden + self.dropout(self.attention(self.attention_norm(hidden), allowed))
+            return hidden + self.dropout(self.ffn_output(self.act(self.intermediate(self.ffn_norm(hidden)))))
+        hidden = self.attention_norm(hidden + self.dropout(self.attention(hidden, allowed)))
+        return self.ffn_norm(hidden + self.dropout(self.ffn_output(self.act(self.intermediate(hidden)))))
+
+
+# --------------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------------
+
+
+class PMMRecPreTrainedModel(PreTrainedModel):
+    config_class = PMMRecConfig
+    base_model_prefix = "pmmrec"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PMMRecTransformerLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Initialise this package's own layers; pretrained backbones are never touched."""
+        std = getattr(self.config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            _init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                _init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            _init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, nn.LayerNorm):
+            _init.ones_(module.weight)
+            _init.zeros_(module.bias)
+
+
+def _masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # tokens: (N, T, d); mask: (N, T) -> (N, d)
+    weights = mask.to(tokens.dtype)[..., None]  # (N, T, 1)
+    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1e-6)
+
+
+def _backbone_class(config):
+    return AutoModel._model_mapping[type(config)]
+
+
+class PMMRecItemEncoder(PMMRecPreTrainedModel):
+    """Item encoder: text tower + vision tower, token projections to d, merge-attention fusion.
+
+    Inputs are the batch's distinct items: `input_ids`/`attention_mask` (N, T) and/or `pixel_values`
+    (N, 3, H, W); or precomputed frozen-tower features `text_features` / `vision_features` (the hidden state
+    entering the first trainable block, e.g. from a feature cache) in their place.
+    """
+
+    config_class = PMMRecItemEncoderConfig
+    base_model_prefix = "item_encoder"
+
+    def __init__(self, config: PMMRecItemEncoderConfig, text_model: nn.Module | None = None, vision_model: nn.Module | None = None):
+        super().__init__(config)
+        d = config.hidden_size
+        self.text_tower = self.vision_tower = None
+        self.text_projection = self.vision_projection = None
+        if config.uses_text:
+            self.text_projection = nn.Linear(config.text_hidden_size, d)
+        if config.uses_vision:
+            self.vision_projection = nn.Linear(config.vision_hidden_size, d)
+        self.fusion = None
+        if config.modality == "multimodal":
+            self.fusion = nn.ModuleList(
+                PMMRecTransformerLayer(
+                    d, config.fusion_num_attention_heads, config.fusion_intermediate_size, config.fusion_hidden_act,
+                    config.fusion_dropout, config.fusion_dropout, config.fusion_layer_norm_eps,
+                )
+                for _ in range(config.fusion_num_layers)
+            )
+        # Backbones are attached after our own layers are initialised, so `_init_weights` never sees them
+        # and pretrained weights handed in stay bit-identical.
+        build = text_model is None and vision_model is None
+        if build:
+            self._attach_backbones(
+                AutoModel.from_config(config.text_config) if config.uses_text else None,
+                AutoModel.from_config(config.vision_config) if config.uses_vision else None,
+            )
+        self.post_init()
+        if not build:
+            self._attach_backbones(text_model, vision_model)
+
+    def _attach_backbones(self, text_model, vision_model) -> None:
+        config = self.config
+        if config.uses_text:
+            if text_model is None:
+                raise ValueError("A text backbone is required for modality " + repr(config.modality))
+            self.text_tower = BackboneTower(text_model, config.text_trainable_layers, "inputs_embeds")
+            self.text_tower.apply_freezing()
+        if config.uses_vision:
+            if vision_model is None:
+                raise ValueError("A vision backbone is required for modality " + repr(config.modality))
+            self.vision_tower = BackboneTower(vision_model, config.vision_trainable_layers, "pixel_values")
+            self.vision_tower.apply_freezing()
+
+    @property
+    def text_model(self) -> nn.Module | None:
+        return self.text_tower.backbone if self.text_tower is not None else None
+
+    @property
+    def vision_model(self) -> nn.Module | None:
+        return self.vision_tower.backbone if self.vision_tower is not None else None
+
+    @classmethod
+    def from_backbones_pretrained(
+        cls,
+        text_model: str | None = None,
+        vision_model: str | None = None,
+        modality: str | None = None,
+        backbone_kwargs: dict | None = None,
+        **config_kwargs,
+    ) -> "PMMRecItemEncoder":
+        """Build an item encoder around pretrained backbones (Hub ids or local folders).
+
+        The vision checkpoint may be a vision model or a dual encoder (e.g. `openai/clip-vit-base-patch32`),
+        whose vision part is taken. Every backbone weight must load: missing weights raise a ValueError.
+        """
+        backbone_kwargs = backbone_kwargs or {}
+        if modality is None:
+            modality = "multimodal" if text_model and vision_model else ("text" if text_model else "vision")
+        loaded = {}
+        for field, source in (("text_config", text_model), ("vision_config", vision_model)):
+            if source is None:
+                continue
+            config = AutoConfig.from_pretrained(source, **backbone_kwargs)
+            if field == "vision_config" and getattr(config, "vision_config", None) is not None:
+                config = config.vision_config
+            if field == "text_config" and getattr(config, "text_config", None) is not None and not hasattr(config, "vocab_size"):
+                config = config.text_config
+            model, info = _backbone_class(config).from_pretrained(source, output_loading_info=True, **backbone_kwargs)
+            if info.get("missing_keys"):
+                raise ValueError(
+                    f"Backbone '{source}' left weights uninitialised ({sorted(info['missing_keys'])[:5]}...): "
+                    "the checkpoint does not match its architecture."
+                )
+            loaded[field] = model
+        config = PMMRecItemEncoderConfig(
+            text_config=loaded["text_config"].config if "text_config" in loaded else None,
+            vision_config=loaded["vision_config"].config if "vision_config" in loaded else None,
+            modality=modality,
+            **config_kwargs,
+        )
+        return cls(config, text_model=loaded.get("text_config"), vision_model=loaded.get("vision_config"))
+
+    # frozen-part features (what a feature cache stores)
+    def text_frozen_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.text_tower.frozen_features({"input_ids": input_ids, "attention_mask": attention_mask})
+
+    def vision_frozen_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.vision_tower.frozen_features({"pixel_values": pixel_values})
+
+    def _text_tokens(self, input_ids, attention_mask, text_features):
+        if text_features is not None:
+            self._ensure_stem(self.text_tower, text_features, attention_mask)
+            return self.text_tower.forward_from_features(text_features, attention_mask)
+        if input_ids is None:
+            raise ValueError("The text tower needs `input_ids` (or `text_features`).")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        return self.text_tower({"input_ids": input_ids, "attention_mask": attention_mask}, attention_mask)
+
+    def _vision_tokens(self, pixel_values, vision_features):
+        if vision_features is not None:
+            self._ensure_stem(self.vision_tower, vision_features, None)
+            return self.vision_tower.forward_from_features(vision_features)
+        if pixel_values is None:
+            raise ValueError("The vision tower needs `pixel_values` (or `vision_features`).")
+        return self.vision_tower({"pixel_values": pixel_values})
+
+    def _ensure_stem(self, tower: BackboneTower, features, attention_mask) -> None:
+        if tower._stem_names is None:
+            raise RuntimeError(
+                "Frozen features were given before the tower ever ran on raw inputs: compute them with "
+                "`text_frozen_features` / `vision_frozen_features` (or a FeatureCache) on this model first."
+            )
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        text_features: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> PMMRecItemEncoderOutput:
+        config = self.config
+        text_emb = vision_emb = fused = None
+        if config.uses_text:
+            if attention_mask is None and input_ids is not None:
+                attention_mask = torch.ones_like(input_ids)
+            text_tokens = self.text_projection(self._text_tokens(input_ids, attention_mask, text_features))  # (N,T,d)
+            text_mask = attention_mask.bool() if attention_mask is not None else torch.ones(
+                text_tokens.shape[:2], dtype=torch.bool, device=text_tokens.device
+            )  # (N, T)
+            text_emb = _masked_mean(text_tokens, text_mask)  # (N, d)
+        if config.uses_vision:
+            vision_tokens = self.vision_projection(self._vision_tokens(pixel_values, vision_features))  # (N,V,d)
+            vision_emb = vision_tokens.mean(1)  # (N, d)
+        if config.modality == "multimodal":
+            tokens = torch.cat([text_tokens, vision_tokens], dim=1)  # (N, T+V, d)
+            mask = torch.cat(
+                [text_mask, torch.ones(vision_tokens.shape[:2], dtype=torch.bool, device=tokens.device)], dim=1
+            )  # (N, T+V)
+            allowed = mask[:, None, None, :]  # (N, 1, 1, T+V)
+            for layer in self.fusion:
+                tokens = layer(tokens, allowed)
+            fused = tokens
+            item_emb = _masked_mean(tokens, mask)  # (N, d)
+        else:
+            item_emb = text_emb if config.modality == "text" else vision_emb
+        return PMMRecItemEncoderOutput(
+            item_embeddings=item_emb, text_embeddings=text_emb, vision_embeddings=vision_emb, last_hidden_state=fused
+        )
+
+
+class PMMRecUserEncoder(PMMRecPreTrainedModel):
+    """SASRec-style causal transformer over item embeddings (left-padded sequences, learned positions)."""
+
+    config_class = PMMRecUserEncoderConfig
+    base_model_prefix = "user_encoder"
+
+    def __init__(self, config: PMMRecUserEncoderConfig):
+        super().__init__(config)
+        d = config.hidden_size
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, d)
+        self.input_norm = nn.LayerNorm(d, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.layers = nn.ModuleList(
+            PMMRecTransformerLayer(
+                d, config.num_attention_heads, config.intermediate_size, config.hidden_act,
+                config.hidden_dropout_prob, config.attention_probs_dropout_prob, config.layer_norm_eps,
+                config.layer_norm_position,
+            )
+            for _ in range(config.num_hidden_layers)
+        )
+        self.final_norm = nn.LayerNorm(d, eps=config.layer_norm_eps) if config.layer_norm_position == "pre" else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> PMMRecUserEncoderOutput:
+        """inputs_embeds: (B, S, d) item embeddings, left-padded; attention_mask: (B, S) 1 real / 0 padding."""
+        batch, length, _ = inputs_embeds.shape
+        max_length = self.config.max_position_embeddings
+        if length > max_length:
+            raise ValueError(
+                f"Sequence length {length} exceeds the user encoder's `max_position_embeddings` ({max_length})."
+            )
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, length, dtype=torch.bool, device=inputs_embeds.device)
+        key_valid = attention_mask.bool()  # (B, S)
+        # right-aligned positions: the last slot always has position max_length - 1
+        positions = torch.arange(max_length - length, max_length, device=inputs_embeds.device)  # (S,)
+        hidden = inputs_embeds + self.position_embeddings(positions)[None]  # (B, S, d)
+        if self.final_norm is None:
+            hidden = self.input_norm(hidden)
+        hidden = self.dropout(hidden)
+        idx = torch.arange(length, device=inputs_embeds.device)
+        causal = idx[None, :] <= idx[:, None]  # (S, S) key <= query
+        diagonal = idx[None, :] == idx[:, None]  # (S, S): padding queries see themselves (no empty rows)
+        allowed = (causal[None] & (key_valid[:, None, :] | diagonal[None]))[:, None]  # (B, 1, S, S)
+        for layer in self.layers:
+            hidden = layer(hidden, allowed)
+        if self.final_norm is not None:
+            hidden = self.final_norm(hidden)
+        return PMMRecUserEncoderOutput(last_hidden_state=hidden, user_embeddings=hidden[:, -1])
+
+
+class PMMRecModel(PMMRecPreTrainedModel):
+    """PMMRec: item encoder + user encoder + the pre-training objectives (next-item, NICL, NID, RCL).
+
+    `forward` takes a batch of B sequences over N distinct items (see docs/formats.md): the items' inputs,
+    `item_ids` (N,), `item_index` (B, S) left-padded with -1; columns [:, :-1] are inputs and [:, 1:] the
+    next-item targets. Optional `item_log_popularity` (N,) for the log-q correction and `corrupted_index` +
+    `noise_labels` (B, S-1) for NID/RCL.
+    """
+
+    config_class = PMMRecConfig
+    base_model_prefix = "pmmrec"
+
+    def __init__(
+        self,
+        config: PMMRecConfig,
+        item_encoder: PMMRecItemEncoder | None = None,
+        user_encoder: PMMRecUserEncoder | None = None,
+    ):
+        super().__init__(config)
+        d = config.item_encoder_config.hidden_size
+        p = config.nicl_projection_size
+        self.nicl_text_head = self.nicl_vision_head = None
+        if config.item_encoder_config.modality == "multimodal":
+            self.nicl_text_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, p))
+            self.nicl_vision_head = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, p))
+        self.nid_head = nn.Linear(d, 1)
+        if item_encoder is None:
+            self.item_encoder = PMMRecItemEncoder(config.item_encoder_config)
+        if user_encoder is None:
+            self.user_encoder = PMMRecUserEncoder(config.user_encoder_config)
+        self.post_init()
+        # encoders handed in (pretrained) are attached after initialisation, untouched
+        if item_encoder is not None:
+            self.item_encoder = item_encoder
+        if user_encoder is not None:
+            self.user_encoder = user_encoder
+
+    @classmethod
+    def from_encoders(
+        cls,
+        item_encoder: PMMRecItemEncoder | str,
+        user_encoder: PMMRecUserEncoder | str | None = None,
+        **config_kwargs,
+    ) -> "PMMRecModel":
+        """Assemble a full model from an item encoder and a user encoder (objects, folders or Hub ids).
+
+        Without a user encoder a fresh one of matching width is created. The pre-training heads (NICL,
+        NID) are newly initialised.
+        """
+        if isinstance(item_encoder, str):
+            item_encoder = PMMRecItemEncoder.from_pretrained(item_encoder)
+        if isinstance(user_encoder, str):
+            user_encoder = PMMRecUserEncoder.from_pretrained(user_encoder)
+        user_config = user_encoder.config if user_encoder is not None else None
+        config = PMMRecConfig(item_encoder_config=item_encoder.config, user_encoder_config=user_config, **config_kwargs)
+        return cls(config, item_encoder=item_encoder, user_encoder=user_encoder)
+
+    def encode_items(self, **item_inputs) -> torch.Tensor:
+        """(N, d) item embeddings from item inputs (input_ids, attention_mask, pixel_values, or features)."""
+        return self.item_encoder(**item_inputs).item_embeddings
+
+    def encode_users(self, item_embeddings: torch.Tensor, item_index: torch.Tensor) -> PMMRecUserEncoderOutput:
+        """User states for sequences given as indices (B, S) into item_embeddings (N, d), -1 at padding."""
+        valid = item_index >= 0  # (B, S)
+        seq = item_embeddings[item_index.clamp(min=0)] * valid[..., None].to(item_embeddings.dtype)  # (B, S, d)
+        return self.user_encoder(inputs_embeds=seq, attention_mask=valid)
+
+    def forward(
+        self,
+        item_ids: torch.Tensor,
+        item_index: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        text_features: torch.Tensor | None = None,
+        vision_features: torch.Tensor | None = None,
+        item_log_popularity: torch.Tensor | None = None,
+        corrupted_index: torch.Tensor | None = None,
+        noise_labels: torch.Tensor | None = None,
+        return_loss: bool = True,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> PMMRecModelOutput:
+        config = self.config
+        items = self.item_encoder(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+            text_features=text_features, vision_features=vision_features,
+        )
+        item_emb = items.item_embeddings  # (N, d)
+        if not return_loss:
+            users = self.encode_users(item_emb, item_index)
+            return PMMRecModelOutput(
+                item_embeddings=item_emb, user_states=users.last_hidden_state, user_embeddings=users.user_embeddings
+            )
+
+        inputs, targets = item_index[:, :-1], item_index[:, 1:]  # (B, L), (B, L)
+        users = self.encode_users(item_emb, inputs)
+        states = users.last_hidden_state  # (B, L, d)
+        gather = config.gather_negatives
+        losses: dict[str, torch.Tensor] = {}
+        weights = {
+            "next_item_loss": config.next_item_weight,
+            "nicl_loss": config.nicl_weight,
+            "nid_loss": config.nid_weight,
+            "rcl_loss": config.rcl_weight,
+        }
+
+        if config.next_item_weight > 0:
+            positions = (inputs >= 0) & (targets >= 0)  # (B, L)
+            query_users, query_slots = positions.nonzero(as_tuple=True)  # (P,), (P,)
+            log_q = item_log_popularity if config.logq_correction else None
+            candidates, candidate_ids, candidate_log_q, valid, offset = item_emb, item_ids, log_q, None, 0
+            if gather:
+                candidates, valid, offset = gather_across_processes(item_emb)
+                candidate_ids = gather_across_processes(item_ids)[0]
+                if log_q is not None:
+                    candidate_log_q = gather_across_processes(log_q)[0]
+            total = next_item_loss(
+                query=states[query_users, query_slots],
+                candidates=candidates,
+                targets=targets[query_users, query_slots] + offset,
+                query_users=query_users,
+                user_item_ids=_user_item_ids(item_index, item_ids),
+                candidate_ids=candidate_ids,
+                candidate_log_q=candidate_log_q,
+                candidate_valid=valid,
+                reduction="sum",
+            )
+            losses["next_item_loss"] = distributed_mean(total, torch.tensor(query_users.numel(), device=total.device)) if gather else total / max(query_users.numel(), 1)
+
+        if config.nicl_weight > 0 and self.nicl_text_head is not None:
+            text = F.normalize(self.nicl_text_head(items.text_embeddings), dim=-1)  # (N, p)
+            vision = F.normalize(self.nicl_vision_head(items.vision_embeddings), dim=-1)  # (N, p)
+            extra = {}
+            if gather:
+                all_text, valid, offset = gather_across_processes(text)
+                if offset or all_text.shape[0] != text.shape[0]:
+                    all_vision = gather_across_processes(vision)[0]
+                    all_ids = gather_across_processes(item_ids)[0]
+                    local = torch.zeros_like(valid)
+                    local[offset : offset + text.shape[0]] = True
+                    # local rows are matched by index inside nicl_loss: move them to the front
+                    order = torch.cat([local.nonzero().squeeze(1), (~local).nonzero().squeeze(1)])
+                    extra = dict(
+                        candidate_text=all_text[order], candidate_vision=all_vision[order],
+                        candidate_ids=all_ids[order], candidate_is_local=local[order], candidate_valid=valid[order],
+                    )
+            losses["nicl_loss"] = nicl_loss(text, vision, item_index, item_ids, config.nicl_temperature, **extra)
+
+        if corrupted_index is not None and (config.nid_weight > 0 or config.rcl_weight > 0):
+            noisy = self.encode_users(item_emb, corrupted_index).last_hidden_state  # (B, L, d)
+            nid_logits = self.nid_head(noisy).squeeze(-1)  # (B, L)
+            if config.nid_weight > 0:
+                if noise_labels is None:
+                    raise ValueError("`noise_labels` are required with `corrupted_index` when nid_weight > 0.")
+                losses["nid_loss"] = nid_loss(nid_logits, noise_labels)
+            if config.rcl_weight > 0:
+                clean_rep, noisy_rep = states[:, -1], noisy[:, -1]  # (B, d)
+                extra = {}
+                if gather:
+                    all_clean, valid, offset = gather_across_processes(clean_rep)
+                    if all_clean.shape[0] != clean_rep.shape[0]:
+                        extra = dict(
+                            all_clean=all_clean, all_corrupted=gather_across_processes(noisy_rep)[0],
+                            offset=offset, valid=valid,
+                        )
+                losses["rcl_loss"] = rcl_loss(clean_rep, noisy_rep, config.rcl_temperature, **extra)
+        else:
+            nid_logits = None
+
+        total_loss = None
+        for name, value in losses.items():
+            term = weights[name] * value
+            total_loss = term if total_loss is None else total_loss + term
+        return PMMRecModelOutput(
+            loss=total_loss,
+            item_embeddings=item_emb,
+            user_states=states,
+            user_embeddings=users.user_embeddings,
+            nid_logits=nid_logits,
+            **losses,
+        )
+
+
+__all__ = [
+    "BackboneTower",
+    "PMMRecPreTrainedModel",
+    "PMMRecItemEncoder",
+    "PMMRecUserEncoder",
+    "PMMRecModel",
+    "PMMRecItemEncoderOutput",
+    "PMMRecUserEncoderOutput",
+    "PMMRecModelOutput",
+]

@@ -1,0 +1,50 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+version = {}
+for line in (here / "pmmrec_hf" / "__init__.py").read_text().splitlines():
+    if line.startswith("__version__"):
+        version["v"] = line.split("=")[1].strip().strip('"')
+
+install_requires = [
+    "torch>=2.4",
+    "transformers>=5.17,<6",
+    "huggingface_hub>=1.0",
+    "safetensors>=0.4",
+    "accelerate>=1.0",
+    "numpy",
+    "pillow",
+    "tqdm",
+    "jinja2",
+]
+extras = {
+    "data": ["datasets>=3.0", "pyarrow", "pandas"],
+    "metrics": ["evaluate>=0.4"],
+    "lora": ["peft>=0.13"],
+    "vision": ["timm>=1.0"],
+    "lmdb": ["lmdb"],
+    "tracking": ["tensorboard"],
+    "faiss": ["faiss-cpu"],
+}
+extras["train"] = extras["data"] + extras["metrics"] + extras["lora"] + extras["tracking"]
+extras["test"] = extras["train"] + ["pytest>=8", "pytest-xdist"]
+extras["dev"] = extras["test"] + extras["lmdb"]
+extras["all"] = sorted({dep for deps in extras.values() for dep in deps})
+
+setup(
+    name="pmmrec_hf",
+    version=version["v"],
+    description="Transferable multi-modal sequential recommendation (PMMRec) as Hugging Face models",
+    long_description=(here / "README.md").read_text() if (here / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pmmrec_hf", "pmmrec_hf.*"]),
+    package_data={"pmmrec_hf": ["evaluate_metrics/*/*.py", "evaluate_metrics/*/*.md", "templates/*"]},
+    include_package_data=True,
+    install_requires=install_requires,
+    extras_require=extras,
+    entry_points={"console_scripts": ["pmmrec-prepare=pmmrec_hf.data.cli:main"]},
+)
