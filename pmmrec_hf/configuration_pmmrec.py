@@ -153,7 +153,7 @@ class PMMRecItemEncoderConfig(PretrainedConfig):
         for name in ("hidden_size", "fusion_num_layers", "fusion_num_attention_heads", "fusion_intermediate_size",
                      "max_text_length", "image_size"):
             _check_positive(name, getattr(self, name))
-        if self.hidden_size % self.fusion_num_attention_heads != 0:
+        if self.modality == "multimodal" and self.hidden_size % self.fusion_num_attention_heads != 0:
             raise ValueError(
                 f"`fusion_num_attention_heads` ({self.fusion_num_attention_heads}) must divide `hidden_size` "
                 f"({self.hidden_size})."

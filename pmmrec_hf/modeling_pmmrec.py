@@ -364,6 +364,16 @@ class PMMRecPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["PMMRecTransformerLayer"]
     _supports_sdpa = True
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        # loading re-creates parameters: restore the frozen / trainable split the config defines
+        for module in model.modules():
+            if isinstance(module, BackboneTower):
+                module.apply_freezing()
+        return loaded
+
     def _init_weights(self, module: nn.Module) -> None:
         """Initialise this package's own layers; pretrained backbones are never touched."""
         std = getattr(self.config, "initializer_range", 0.02)
@@ -382,6 +392,9 @@ def _masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # tokens: (N, T, d); mask: (N, T) -> (N, d)
     weights = mask.to(tokens.dtype)[..., None]  # (N, T, 1)
     return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1e-6)
+
+
+_UNUSED_BACKBONE_PARTS = ("pooler.", "head.", "classifier.", "lm_head.", "visual_projection.", "text_projection.")
 
 
 def _backbone_class(config):
@@ -477,10 +490,12 @@ class PMMRecItemEncoder(PMMRecPreTrainedModel):
             if field == "text_config" and getattr(config, "text_config", None) is not None and not hasattr(config, "vocab_size"):
                 config = config.text_config
             model, info = _backbone_class(config).from_pretrained(source, output_loading_info=True, **backbone_kwargs)
-            if info.get("missing_keys"):
+            # heads we never use (poolers, classifiers) may be absent; anything on the token path may not
+            missing = sorted(k for k in info.get("missing_keys", ()) if not k.startswith(_UNUSED_BACKBONE_PARTS))
+            if missing:
                 raise ValueError(
-                    f"Backbone '{source}' left weights uninitialised ({sorted(info['missing_keys'])[:5]}...): "
-                    "the checkpoint does not match its architecture."
+                    f"Backbone '{source}' left weights uninitialised ({missing[:5]}): the checkpoint does not match "
+                    "its architecture (e.g. weights saved under other key names by another transformers version)."
                 )
             loaded[field] = model
         config = PMMRecItemEncoderConfig(
