@@ -126,11 +126,7 @@ def next_item_loss(
     masked = (false_negative & ~is_target) | ~is_first[None, :]  # (P, C)
     logits = logits.masked_fill(masked, torch.finfo(logits.dtype).min)  # (P, C)
     losses = F.cross_entropy(logits.float(), target_canonical, reduction="none")  # (P,)
-    if reduction == "sum":
-        return losses.sum()
-    if reduction == "mean":
-        return losses.mean() if losses.numel() else losses.sum()
-    raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
+    return _reduce(losses, reduction)
 
 
 def nicl_loss(
@@ -144,6 +140,7 @@ def nicl_loss(
     candidate_ids: torch.Tensor | None = None,
     candidate_is_local: torch.Tensor | None = None,
     candidate_valid: torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """NICL: next-item enhanced cross-modal contrastive loss (the design adopted in the reference).
 
@@ -158,6 +155,7 @@ def nicl_loss(
         candidate_is_local: (C,) bool, True for candidates that are this process's item of the same index
             (index c < N); remote candidates belong to other users by construction.
         candidate_valid: (C,) bool, False for padding rows of a gather.
+        reduction: "mean" over anchors, or "sum" (for a mean over every process's anchors).
 
     Anchor t(u,l) for every real item; positives: its own image v(u,l) and, when l+1 is real, the next
     item's text t(u,l+1) and image v(u,l+1). Negatives: text and image features of other users' items whose
@@ -219,27 +217,32 @@ def nicl_loss(
         neg_lse = torch.logsumexp(neg_logits.float(), dim=1)  # (A,)
         per_positive = torch.logaddexp(pos_logits.float(), neg_lse[:, None]) - pos_logits.float()  # (A, 3)
         per_positive = per_positive.masked_fill(~pos_valid, 0.0)  # (A, 3)
-        per_anchor = per_positive.sum(1) / pos_valid.sum(1)  # (A,)
-        return per_anchor.mean() if per_anchor.numel() else per_anchor.sum()
+        return per_positive.sum(1) / pos_valid.sum(1)  # (A,)
 
     text_anchor = text_features[anchor_item]  # (A, p)
     vision_anchor = vision_features[anchor_item]  # (A, p)
     # for the text anchor the first positive is the own image; for the image anchor, the own text
-    loss_text = direction(text_anchor, vision_anchor)
-    loss_vision = direction(vision_anchor, text_anchor)
-    return (loss_text + loss_vision) / 2
+    per_anchor = (direction(text_anchor, vision_anchor) + direction(vision_anchor, text_anchor)) / 2  # (A,)
+    return _reduce(per_anchor, reduction)
 
 
-def nid_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "sum":
+        return values.sum()
+    if reduction == "mean":
+        return values.mean() if values.numel() else values.sum()
+    raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
+
+
+def nid_loss(logits: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """NID: binary cross-entropy of "changed vs original" over real positions.
 
     logits: (B, L) per-position scores on the corrupted sequence; labels: (B, L) 1 changed, 0 original,
-    -100 padding (ignored). Mean over real positions.
+    -100 padding (ignored). Mean (or sum) over real positions.
     """
     real = labels != -100  # (B, L)
-    if not real.any():
-        return logits.sum() * 0.0
-    return F.binary_cross_entropy_with_logits(logits[real].float(), labels[real].float())
+    losses = F.binary_cross_entropy_with_logits(logits[real].float(), labels[real].float(), reduction="none")  # (R,)
+    return _reduce(losses, reduction)
 
 
 def rcl_loss(
@@ -250,13 +253,14 @@ def rcl_loss(
     all_corrupted: torch.Tensor | None = None,
     offset: int = 0,
     valid: torch.Tensor | None = None,
+    reduction: str = "mean",
 ) -> torch.Tensor:
     """RCL: symmetric InfoNCE between clean and corrupted user representations.
 
     clean, corrupted: (B, d) representations of the same users; all_clean / all_corrupted: (M, d)
     the pools of every process (defaults to the local ones), where this process's users sit at rows
     offset..offset+B-1; valid: (M,) False for padding rows of a gather. Cosine similarity / temperature;
-    the other users are the negatives. Mean of both directions.
+    the other users are the negatives. Mean of both directions; mean (or sum) over users.
     """
     clean_n = F.normalize(clean, dim=-1)  # (B, d)
     corrupted_n = F.normalize(corrupted, dim=-1)  # (B, d)
@@ -268,4 +272,8 @@ def rcl_loss(
     if valid is not None:
         logits_a = logits_a.masked_fill(~valid[None, :], float("-inf"))
         logits_b = logits_b.masked_fill(~valid[None, :], float("-inf"))
-    return (F.cross_entropy(logits_a.float(), targets) + F.cross_entropy(logits_b.float(), targets)) / 2
+    per_user = (
+        F.cross_entropy(logits_a.float(), targets, reduction="none")
+        + F.cross_entropy(logits_b.float(), targets, reduction="none")
+    ) / 2  # (B,)
+    return _reduce(per_user, reduction)

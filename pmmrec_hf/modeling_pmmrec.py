@@ -388,6 +388,13 @@ class PMMRecPreTrainedModel(PreTrainedModel):
             _init.zeros_(module.bias)
 
 
+def _mean(total: torch.Tensor, count: int, across_processes: bool) -> torch.Tensor:
+    """Mean over this process's examples, or its share of the mean over every process's examples."""
+    if across_processes:
+        return distributed_mean(total, torch.tensor(count, device=total.device))
+    return total / max(count, 1)
+
+
 def _masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # tokens: (N, T, d); mask: (N, T) -> (N, d)
     weights = mask.to(tokens.dtype)[..., None]  # (N, T, 1)
@@ -764,7 +771,7 @@ class PMMRecModel(PMMRecPreTrainedModel):
                 candidate_valid=valid,
                 reduction="sum",
             )
-            losses["next_item_loss"] = distributed_mean(total, torch.tensor(query_users.numel(), device=total.device)) if gather else total / max(query_users.numel(), 1)
+            losses["next_item_loss"] = _mean(total, query_users.numel(), gather)
 
         if config.nicl_weight > 0 and self.nicl_text_head is not None:
             text = F.normalize(self.nicl_text_head(items.text_embeddings), dim=-1)  # (N, p)
@@ -783,7 +790,8 @@ class PMMRecModel(PMMRecPreTrainedModel):
                         candidate_text=all_text[order], candidate_vision=all_vision[order],
                         candidate_ids=all_ids[order], candidate_is_local=local[order], candidate_valid=valid[order],
                     )
-            losses["nicl_loss"] = nicl_loss(text, vision, item_index, item_ids, config.nicl_temperature, **extra)
+            total = nicl_loss(text, vision, item_index, item_ids, config.nicl_temperature, reduction="sum", **extra)
+            losses["nicl_loss"] = _mean(total, int((item_index >= 0).sum()), gather)
 
         if corrupted_index is not None and (config.nid_weight > 0 or config.rcl_weight > 0):
             noisy = self.encode_users(item_emb, corrupted_index).last_hidden_state  # (B, L, d)
@@ -791,7 +799,8 @@ class PMMRecModel(PMMRecPreTrainedModel):
             if config.nid_weight > 0:
                 if noise_labels is None:
                     raise ValueError("`noise_labels` are required with `corrupted_index` when nid_weight > 0.")
-                losses["nid_loss"] = nid_loss(nid_logits, noise_labels)
+                total = nid_loss(nid_logits, noise_labels, reduction="sum")
+                losses["nid_loss"] = _mean(total, int((noise_labels != -100).sum()), gather)
             if config.rcl_weight > 0:
                 clean_rep, noisy_rep = states[:, -1], noisy[:, -1]  # (B, d)
                 extra = {}
@@ -802,7 +811,8 @@ class PMMRecModel(PMMRecPreTrainedModel):
                             all_clean=all_clean, all_corrupted=gather_across_processes(noisy_rep)[0],
                             offset=offset, valid=valid,
                         )
-                losses["rcl_loss"] = rcl_loss(clean_rep, noisy_rep, config.rcl_temperature, **extra)
+                total = rcl_loss(clean_rep, noisy_rep, config.rcl_temperature, reduction="sum", **extra)
+                losses["rcl_loss"] = _mean(total, clean_rep.shape[0], gather)
         else:
             nid_logits = None
 
