@@ -87,3 +87,27 @@ def tiny_batch(seed: int = 0) -> dict:
         noise_labels=torch.tensor([[-100, -100, 0, 0, 1], [0, 0, 0, 1, 1], [-100, -100, -100, -100, 0]]),
     )
     return batch
+
+
+def batch_from_sequences(sequences: list[list[int]], catalogue: dict, slots: int) -> dict:
+    """A model batch for sequences of catalogue item ids: distinct items once, left-padded index (B, slots).
+
+    catalogue: dict of per-item tensors indexed by item id (input_ids, attention_mask, pixel_values, log_q).
+    """
+    distinct = sorted({i for seq in sequences for i in seq})
+    position = {item: n for n, item in enumerate(distinct)}
+    index = torch.full((len(sequences), slots), -1, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        seq = seq[-slots:]
+        index[row, slots - len(seq):] = torch.tensor([position[i] for i in seq])
+    ids = torch.tensor(distinct)
+    batch = {k: catalogue[k][ids] for k in ("input_ids", "attention_mask", "pixel_values")}
+    batch.update(item_ids=ids, item_index=index, item_log_popularity=catalogue["log_q"][ids])
+    return batch
+
+
+def tiny_catalogue(num_items: int = 20, seed: int = 0) -> dict:
+    catalogue = item_inputs(num_items, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    catalogue["log_q"] = torch.log_softmax(torch.randn(num_items, generator=g), 0)
+    return catalogue
