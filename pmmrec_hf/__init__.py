@@ -14,6 +14,8 @@ from .modeling_pmmrec import (
     PMMRecUserEncoderOutput,
 )
 
+from .sasrec import SASRecConfig, SASRecModel  # noqa: E402  (registers the ID baseline with AutoModel)
+
 __version__ = "0.1.0"
 
 
@@ -44,4 +46,6 @@ __all__ = [
     "PMMRecUserEncoderOutput",
     "PMMRecModelOutput",
     "BackboneTower",
+    "SASRecConfig",
+    "SASRecModel",
 ]
