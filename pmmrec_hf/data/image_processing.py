@@ -1,0 +1,121 @@
+"""Image decoding and the default PMMRec image transform.
+
+Default transform (the research code's): convert to RGB, squash to ``image_size x image_size`` (bilinear
+resize, no crop, aspect ratio not kept), scale to [0, 1], normalise per channel with ``mean`` / ``std``
+(0.5 / 0.5 by default, giving values in [-1, 1]).
+
+Placeholder policy: an item without an image, or whose image cannot be decoded, gets the all-zeros pixel
+tensor, i.e. an image equal to the normalisation mean (a constant mid-grey for the default mean = 0.5).
+With a custom transformers image processor the placeholder is likewise all zeros, of the shape that
+processor outputs.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "DEFAULT_IMAGE_MEAN",
+    "DEFAULT_IMAGE_STD",
+    "PMMRecImageTransform",
+    "is_missing_image",
+    "load_image",
+]
+
+DEFAULT_IMAGE_MEAN = (0.5, 0.5, 0.5)
+DEFAULT_IMAGE_STD = (0.5, 0.5, 0.5)
+
+
+def is_missing_image(value: Any) -> bool:
+    """True when an image value of the item table means "no image" (None, NaN, an empty {bytes, path})."""
+    if value is None:
+        return True
+    if isinstance(value, float) and math.isnan(value):
+        return True
+    if isinstance(value, Mapping):
+        return value.get("bytes") is None and not value.get("path")
+    if isinstance(value, (bytes, bytearray, memoryview, str)):
+        return len(value) == 0
+    return False
+
+
+def load_image(value: Any):
+    """Decode one image value of the item table into an RGB ``PIL.Image``.
+
+    Accepts a PIL image, encoded bytes, a file path, a datasets ``Image(decode=False)`` struct
+    ``{"bytes", "path"}`` (bytes preferred), or an (H, W[, C]) uint8 numpy array. Returns None for a
+    missing image (see :func:`is_missing_image`); raises on an image that cannot be decoded.
+    """
+    from PIL import Image
+
+    if is_missing_image(value):
+        return None
+    if isinstance(value, Mapping):
+        value = value["bytes"] if value.get("bytes") is not None else value["path"]
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        image = Image.open(io.BytesIO(bytes(value)))
+    elif isinstance(value, (str, os.PathLike)):
+        image = Image.open(value)
+    elif isinstance(value, np.ndarray):
+        image = Image.fromarray(value)
+    else:
+        raise TypeError(f"unsupported image value of type {type(value).__name__}")
+    image.load()  # decode now, so that a broken file fails here
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+class PMMRecImageTransform:
+    """The research code's transform: RGB, squash to ``image_size`` (bilinear, no crop), [0, 1], normalise.
+
+    Call it on a list of PIL images; returns a float tensor (n, 3, image_size, image_size).
+    """
+
+    def __init__(
+        self,
+        image_size: int = 224,
+        image_mean: Sequence[float] = DEFAULT_IMAGE_MEAN,
+        image_std: Sequence[float] = DEFAULT_IMAGE_STD,
+    ) -> None:
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
+            raise ValueError(f"`image_size` must be a positive integer, got {image_size!r}.")
+        if len(image_mean) != 3 or len(image_std) != 3:
+            raise ValueError("`image_mean` and `image_std` need 3 values (RGB).")
+        if any(s <= 0 for s in image_std):
+            raise ValueError(f"`image_std` values must be positive, got {list(image_std)!r}.")
+        self.image_size = image_size
+        self.image_mean = tuple(float(m) for m in image_mean)
+        self.image_std = tuple(float(s) for s in image_std)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(image_size={self.image_size}, image_mean={self.image_mean}, image_std={self.image_std})"
+
+    @property
+    def output_shape(self) -> tuple[int, int, int]:
+        return (3, self.image_size, self.image_size)
+
+    def __call__(self, images: Sequence[Any]) -> torch.Tensor:
+        from PIL import Image
+
+        size = (self.image_size, self.image_size)
+        arrays = []
+        for image in images:
+            if image.mode != "RGB":
+                image = image.convert("RGB")
+            if image.size != size:
+                image = image.resize(size, Image.BILINEAR)
+            arrays.append(np.asarray(image, dtype=np.uint8))
+        if not arrays:
+            return torch.zeros((0, *self.output_shape), dtype=torch.float32)
+        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
+        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
+        return pixels.sub_(mean).div_(std).contiguous()

@@ -1,0 +1,272 @@
+"""Importers for known source layouts: each preset turns a source folder into ``prepare_dataset`` options.
+
+| preset | source folder holds |
+|---|---|
+| ``movielens-100k`` | ``ml-100k/u.data``, ``tmdb_items.csv``, ``posters/<movie_id>.jpg`` |
+| ``movielens-1m`` | RecBole ``ml-1m.inter`` + ``ml-1m.item`` (item ids are titles); posters and synopses come from a ``movielens-100k`` folder by exact title |
+| ``hm`` | H&M ``transactions.csv``, ``articles.csv``, ``images/<first 3 digits>/<article_id>.jpg`` |
+| ``amazon-office`` | ``train.csv``/``dev.csv``/``test.csv`` (``user_id \\t item_id \\t time``), ``Office.text``, ``Office.item2index`` |
+| ``pmmrec`` | research-code layout: ``users.tsv``, ``items_texts.tsv``, an LMDB of images |
+| ``recbole`` | RecBole atomic files ``<name>.inter`` + ``<name>.item`` |
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .prepare import _TYPED_HEADER, PrepareResult, prepare_dataset, read_table
+
+__all__ = ["PRESETS", "Preset", "prepare_preset", "preset_kwargs"]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A named source layout: ``build(source, **options)`` returns ``prepare_dataset`` keyword
+    arguments (``interactions`` and ``items`` included); ``options`` names the preset's own options."""
+
+    name: str
+    description: str
+    build: Callable[..., dict]
+    options: tuple[str, ...] = ()
+
+
+def _frame(df: pd.DataFrame, source: str) -> pd.DataFrame:
+    df.attrs["source"] = source
+    return df
+
+
+# ---- MovieLens-100K ------------------------------------------------------------------------------
+
+_ML100K_GENRES = {  # tmdb_items.csv genre flag columns -> the names used in MovieLens
+    "Action": "Action", "Adventure": "Adventure", "Animation": "Animation", "Children": "Children's",
+    "Comedy": "Comedy", "Crime": "Crime", "Documentary": "Documentary", "Drama": "Drama",
+    "Fantasy": "Fantasy", "FilmNoir": "Film-Noir", "Horror": "Horror", "Musical": "Musical",
+    "Mystery": "Mystery", "Romance": "Romance", "SciFi": "Sci-Fi", "Thriller": "Thriller", "War": "War",
+    "Western": "Western",
+}
+
+
+def _tmdb_items(folder: Path) -> pd.DataFrame:
+    """tmdb_items.csv with a ``genres`` column ("Animation, Children's, Comedy"); duplicates kept (the
+    importer drops and counts them)."""
+    df = read_table(folder / "tmdb_items.csv")
+    flags = [c for c in _ML100K_GENRES if c in df.columns]
+    genres = df[flags].fillna("0").eq("1")
+    df["genres"] = [", ".join(_ML100K_GENRES[c] for c, on in zip(flags, row) if on) for row in genres.to_numpy()]
+    return _frame(df, f"{folder / 'tmdb_items.csv'} (+ genres from its flag columns)")
+
+
+def _movielens_100k(source: Path) -> dict:
+    return dict(
+        name="movielens-100k",
+        interactions=source / "ml-100k" / "u.data",
+        interactions_columns=["user_id", "item_id", "rating", "timestamp"],
+        items=_tmdb_items(source),
+        item_id_col="movie_id",
+        text_template="{title}. {genres}. {overview}",
+        image_pattern="posters/{item_id}.jpg",
+        image_root=source,
+    )
+
+
+# ---- MovieLens-1M (RecBole files, joined to the 100K posters and synopses by exact title) ---------
+
+
+def _movielens_1m(source: Path, movielens_100k_dir: str | os.PathLike | None = "auto") -> dict:
+    items = read_table(source / "ml-1m.item")
+    items["genres"] = [", ".join(str(g).split()) if isinstance(g, str) else "" for g in items["genre"]]
+    info: dict[str, Any] = {}
+    if movielens_100k_dir == "auto":
+        movielens_100k_dir = source.parent / "movielens-100k"
+        if not movielens_100k_dir.is_dir():
+            raise FileNotFoundError(
+                f"{movielens_100k_dir}: the movielens-100k folder (posters, synopses) is not there; pass "
+                "movielens_100k_dir=<folder> (CLI: --movielens-100k-dir) or None to import without them"
+            )
+    if movielens_100k_dir is not None:
+        ml100k = Path(movielens_100k_dir)
+        tmdb = read_table(ml100k / "tmdb_items.csv").drop_duplicates("movie_id")
+        tmdb["poster"] = [ml100k / "posters" / f"{m}.jpg" for m in tmdb["movie_id"]]
+        tmdb["has_poster"] = [p.is_file() for p in tmdb["poster"]]
+        tmdb["movie_number"] = pd.to_numeric(tmdb["movie_id"])
+        # one 100K movie per title: the lowest movie_id with a poster, else the lowest movie_id
+        tmdb = tmdb.sort_values(["has_poster", "movie_number"], ascending=[False, True], kind="stable")
+        tmdb = tmdb.drop_duplicates("title").set_index("title")
+        match = items["item_id"].map(tmdb["movie_id"])
+        items["movielens_100k_id"] = match
+        items["overview"] = items["item_id"].map(tmdb["overview"])
+        items["image"] = [
+            str(tmdb.at[t, "poster"]) if isinstance(m, str) and tmdb.at[t, "has_poster"] else None
+            for t, m in zip(items["item_id"], match)
+        ]
+        info = {"movielens_100k_dir": str(ml100k), "titles_matched": int(match.notna().sum())}
+    else:
+        items["overview"] = None
+        items["image"] = None
+    return dict(
+        name="movielens-1m",
+        interactions=source / "ml-1m.inter",
+        items=_frame(items, f"{source / 'ml-1m.item'} (+ movielens-100k synopses and posters by exact title)"),
+        text_template="{item_id}. {genres}. {overview}",
+        image_col="image",
+        image_root=source,
+        source_info=info,
+    )
+
+
+# ---- H&M -------------------------------------------------------------------------------------------
+
+
+def _hm(source: Path) -> dict:
+    return dict(
+        name="hm",
+        interactions=source / "transactions.csv",
+        user_col="customer_id",
+        item_col="article_id",
+        time_col="t_dat",
+        items=source / "articles.csv",
+        text_template="{prod_name}. {product_type_name}. {colour_group_name}. {detail_desc}",
+        image_pattern="images/{item_id:.3}/{item_id}.jpg",
+        image_root=source,
+        # purchased articles without a row in articles.csv stay, with "" text (texts_missing) and their
+        # photo if one exists (images_missing otherwise); require_text / require_images drop them
+        unknown_items="keep",
+    )
+
+
+# ---- Amazon Office (rebuilt leave-one-out from train + dev + test) --------------------------------
+
+
+def _amazon_office(source: Path) -> dict:
+    files = [source / f for f in ("train.csv", "dev.csv", "test.csv")]
+    inter = read_table(files, sep="\t", usecols=["user_id", "item_id", "time"])  # tab-separated despite .csv
+    index = read_table(source / "Office.item2index", columns=["asin", "item_id"])
+    asin = dict(zip(index["item_id"], index["asin"]))
+    # integer ids -> ASINs; an id absent from Office.item2index stays as written (an unknown item)
+    inter["item_id"] = [asin.get(i, i) if isinstance(i, str) else i for i in inter["item_id"]]
+    texts = read_table(source / "Office.text")
+    return dict(
+        name="amazon-office",
+        interactions=_frame(inter, " + ".join(str(f) for f in files) + " (item ids mapped to ASINs)"),
+        user_col="user_id",
+        item_col="item_id",
+        time_col="time",
+        items=texts,
+        item_id_col="id",
+        text_cols=["text"],
+        source_info={"split": "rebuilt leave-one-out from train + dev + test (the source's split is not reused)"},
+    )
+
+
+# ---- PMMRec research-code layout -------------------------------------------------------------------
+
+
+def _find_lmdb(source: Path) -> Path | None:
+    candidates = sorted(p for p in source.iterdir() if p.suffix == ".lmdb" or (p / "data.mdb").is_file())
+    return candidates[0] if candidates else None
+
+
+def _pmmrec(source: Path, lmdb_path: str | os.PathLike | None = "auto") -> dict:
+    users_file, items_file = source / "users.tsv", source / "items_texts.tsv"
+    raw = read_table(users_file, columns=["user_id", "items"])
+    if len(raw) and raw.iloc[0]["user_id"] == "user_id":  # a header line
+        raw = raw.iloc[1:]
+    rows = []
+    for user, sequence in zip(raw["user_id"], raw["items"]):
+        for position, item in enumerate(sequence.split() if isinstance(sequence, str) else []):
+            rows.append((user, item, position))
+    inter = _frame(pd.DataFrame(rows, columns=["user_id", "item_id", "position"]), str(users_file))
+    items = read_table(items_file, columns=["item_id", "title"])
+    if len(items) and items.iloc[0]["item_id"] == "item_id":
+        items = items.iloc[1:].reset_index(drop=True)
+    items = _frame(items, str(items_file))
+    if lmdb_path == "auto":
+        lmdb_path = _find_lmdb(source)
+    return dict(
+        name="pmmrec",
+        interactions=inter,
+        time_col="position",  # users.tsv is time-ordered; the position is the timestamp
+        items=items,
+        text_cols=["title"],
+        image_lmdb=lmdb_path,
+    )
+
+
+# ---- RecBole atomic files --------------------------------------------------------------------------
+
+
+def _recbole(source: Path, dataset_name: str | None = None) -> dict:
+    if dataset_name is None:
+        found = sorted(source.glob("*.inter"))
+        if len(found) != 1:
+            raise ValueError(f"{source}: expected one .inter file, found {[p.name for p in found]}; pass dataset_name")
+        dataset_name = found[0].stem
+    inter_file, item_file = source / f"{dataset_name}.inter", source / f"{dataset_name}.item"
+    header = item_file.open(encoding="utf-8").readline().rstrip("\n").split("\t")
+    text_cols = []
+    for column in header:
+        match = _TYPED_HEADER.match(column)
+        if match and match.group(2) in ("token", "token_seq") and match.group(1) != "item_id":
+            text_cols.append(match.group(1))
+    inter_header = inter_file.open(encoding="utf-8").readline().rstrip("\n").split("\t")
+    has_time = any(c.split(":")[0] == "timestamp" for c in inter_header)
+    return dict(
+        name=dataset_name,
+        interactions=inter_file,
+        items=item_file,
+        time_col="timestamp" if has_time else None,
+        text_cols=text_cols,
+        text_separator=". ",
+    )
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset("movielens-100k", "MovieLens-100K ratings; title + genres + TMDB synopsis; TMDB posters",
+               _movielens_100k),
+        Preset("movielens-1m", "MovieLens-1M RecBole files joined to the 100K posters/synopses by title",
+               _movielens_1m, ("movielens_100k_dir",)),
+        Preset("hm", "H&M transactions; article name/type/colour/description; product photos", _hm),
+        Preset("amazon-office", "Amazon Office (train+dev+test re-split leave-one-out); text only", _amazon_office),
+        Preset("pmmrec", "PMMRec research layout: users.tsv, items_texts.tsv, images in LMDB", _pmmrec, ("lmdb_path",)),
+        Preset("recbole", "RecBole atomic files <name>.inter + <name>.item", _recbole, ("dataset_name",)),
+    )
+}
+
+
+def preset_kwargs(name: str, source: str | os.PathLike, **options: Any) -> dict:
+    """The ``prepare_dataset`` keyword arguments of preset ``name`` on ``source``; ``options`` are the
+    preset's own options (``Preset.options``)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    preset = PRESETS[name]
+    unknown = set(options) - set(preset.options)
+    if unknown:
+        raise TypeError(f"preset {name!r} has no option(s) {sorted(unknown)}; its options: {list(preset.options)}")
+    source = Path(source)
+    if not source.is_dir():
+        raise FileNotFoundError(f"{source}: no such source folder")
+    kwargs = preset.build(source, **options)
+    kwargs["source_info"] = {"preset": name, "folder": str(source), **kwargs.get("source_info", {})}
+    return kwargs
+
+
+def prepare_preset(name: str, source: str | os.PathLike, output_dir: str | os.PathLike, **kwargs: Any) -> PrepareResult:
+    """Import ``source`` with preset ``name`` into ``output_dir``. Keyword arguments naming the preset's
+    own options go to it; the others are ``prepare_dataset`` options and override the preset's
+    (e.g. ``max_users=50``, ``require_images=True``, ``max_length=50``)."""
+    preset = PRESETS.get(name)
+    if preset is None:
+        raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    own = {k: kwargs.pop(k) for k in list(kwargs) if k in preset.options}
+    options = preset_kwargs(name, source, **own)
+    options.update(kwargs)
+    interactions, items = options.pop("interactions"), options.pop("items")
+    return prepare_dataset(interactions, items, output_dir, **options)
