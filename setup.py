@@ -29,8 +29,8 @@ extras = {
     "faiss": ["faiss-cpu"],
 }
 extras["train"] = extras["data"] + extras["metrics"] + extras["lora"] + extras["tracking"]
-extras["test"] = extras["train"] + ["pytest>=8", "pytest-xdist"]
-extras["dev"] = extras["test"] + extras["lmdb"]
+extras["test"] = extras["train"] + extras["lmdb"] + extras["faiss"] + ["pytest>=8", "pytest-xdist"]
+extras["dev"] = extras["test"]
 extras["all"] = sorted({dep for deps in extras.values() for dep in deps})
 
 setup(

@@ -1,0 +1,229 @@
+"""Shared pieces of the example scripts: arguments, data loading, model building, collators."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass, fields
+from typing import Any
+
+from .configuration_pmmrec import PMMRecConfig, PMMRecItemEncoderConfig, PMMRecUserEncoderConfig
+from .modeling_pmmrec import PMMRecItemEncoder, PMMRecModel
+from .training import TrainingConfig
+
+logger = logging.getLogger(__name__)
+
+SYNTHETIC = "synthetic"
+
+
+# --------------------------------------------------------------------------------------------------
+# arguments
+# --------------------------------------------------------------------------------------------------
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default=SYNTHETIC,
+                       help="'synthetic' (built in, the default), a prepared folder (pmmrec-prepare) or a Hub dataset id")
+    group.add_argument("--streaming", action="store_true", help="stream the training split (datasets streaming=True)")
+    group.add_argument("--eval-split", default="validation", choices=["validation", "test"])
+    group.add_argument("--max-eval-users", type=int, default=None, help="evaluate on the first N users only")
+    group.add_argument("--synthetic-users", type=int, default=2000)
+    group.add_argument("--synthetic-items", type=int, default=500)
+    group.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (image decoding happens there)")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model-type", default="pmmrec", choices=["pmmrec", "sasrec"],
+                       help="pmmrec, or the ID-based SASRec baseline on the same data and metrics")
+    group.add_argument("--text-model", default=None, help="text backbone: Hub id or local folder")
+    group.add_argument("--vision-model", default=None, help="vision backbone: Hub id or local folder")
+    group.add_argument("--modality", default="multimodal", choices=["multimodal", "text", "vision"])
+    group.add_argument("--hidden-size", type=int, default=None, help="item/user embedding size d")
+    group.add_argument("--text-trainable-layers", type=int, default=None, help="-1: whole tower")
+    group.add_argument("--vision-trainable-layers", type=int, default=None, help="-1: whole tower")
+    group.add_argument("--max-length", type=int, default=20, help="L, the user sequence length")
+    group.add_argument("--max-text-length", type=int, default=None)
+    group.add_argument("--image-size", type=int, default=None)
+    group.add_argument("--research-image-transform", action="store_true",
+                       help="squash to image_size and normalise with 0.5 (the research code) instead of the "
+                            "vision model's own image processor")
+
+
+def add_objective_args(parser: argparse.ArgumentParser, defaults: dict[str, float]) -> None:
+    group = parser.add_argument_group("objectives")
+    for name in ("next_item", "nicl", "nid", "rcl"):
+        group.add_argument(f"--{name.replace('_', '-')}-weight", type=float, default=defaults[name])
+    group.add_argument("--nicl-temperature", type=float, default=0.1)
+    group.add_argument("--rcl-temperature", type=float, default=0.1)
+    group.add_argument("--replace-prob", type=float, default=0.1, help="NID/RCL corruption: item replacement")
+    group.add_argument("--shuffle-prob", type=float, default=0.1, help="NID/RCL corruption: span shuffle")
+    group.add_argument("--no-logq", action="store_true", help="disable the log-popularity correction")
+
+
+def add_training_args(parser: argparse.ArgumentParser, defaults: TrainingConfig) -> None:
+    group = parser.add_argument_group("training")
+    group.add_argument("--output-dir", default=defaults.output_dir)
+    group.add_argument("--batch-size", type=int, default=defaults.batch_size, help="users per process per step")
+    group.add_argument("--eval-batch-size", type=int, default=defaults.eval_batch_size)
+    group.add_argument("--gradient-accumulation-steps", type=int, default=defaults.gradient_accumulation_steps)
+    group.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    group.add_argument("--tower-learning-rate", type=float, default=defaults.tower_learning_rate,
+                       help="learning rate of the backbone towers (default: --learning-rate)")
+    group.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    group.add_argument("--tower-weight-decay", type=float, default=defaults.tower_weight_decay)
+    group.add_argument("--lr-scheduler", default=defaults.lr_scheduler,
+                       help="transformers scheduler name: constant_with_warmup, linear, cosine, ...")
+    group.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps)
+    group.add_argument("--max-steps", type=int, default=defaults.max_steps)
+    group.add_argument("--num-epochs", type=int, default=defaults.num_epochs)
+    group.add_argument("--eval-steps", type=int, default=defaults.eval_steps)
+    group.add_argument("--save-steps", type=int, default=defaults.save_steps, help="checkpoint every N steps (0: off)")
+    group.add_argument("--logging-steps", type=int, default=defaults.logging_steps)
+    group.add_argument("--seed", type=int, default=defaults.seed)
+    group.add_argument("--mixed-precision", default=defaults.mixed_precision, choices=["no", "fp16", "bf16"])
+    group.add_argument("--report-to", default=defaults.report_to, help="tensorboard, wandb, all, or none")
+    group.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint folder, or 'latest'")
+    group.add_argument("--max-grad-norm", type=float, default=None)
+    group.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
+    names = {f.name for f in fields(TrainingConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names}
+    return TrainingConfig(**values)
+
+
+# --------------------------------------------------------------------------------------------------
+# data
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoadedData:
+    items: Any  # what PMMRecCollator accepts as its item table
+    train: Any
+    eval_rows: list
+    train_counts: list[int]
+    name: str
+
+
+def load_data(args: argparse.Namespace, process_index: int = 0, num_processes: int = 1) -> LoadedData:
+    """The training split (sharded per process when streaming), the evaluation rows and the item table."""
+    if args.dataset == SYNTHETIC:
+        from .data.synthetic import make_synthetic_dataset
+
+        data = make_synthetic_dataset(num_items=args.synthetic_items, num_users=args.synthetic_users,
+                                      seed=args.seed, max_length=args.max_length)
+        items, train, eval_split = data.items, data.splits["train"], data.splits[args.eval_split]
+    else:
+        from .data.format import load_items, load_prepared, shard_for_process
+
+        items, _ = load_items(args.dataset, decode_images=False)
+        splits = load_prepared(args.dataset)
+        eval_split = splits[args.eval_split]
+        if args.streaming:
+            stream = load_prepared(args.dataset, streaming=True, split="train")
+            train = shard_for_process(stream, process_index, num_processes, seed=args.seed)
+        else:
+            train = splits["train"]
+    eval_rows = [dict(row) for row in eval_split]
+    if args.max_eval_users is not None:
+        eval_rows = eval_rows[: args.max_eval_users]
+    counts = list(items["train_count"])
+    return LoadedData(items=items, train=train, eval_rows=eval_rows, train_counts=counts, name=str(args.dataset))
+
+
+# --------------------------------------------------------------------------------------------------
+# model
+# --------------------------------------------------------------------------------------------------
+
+
+def tiny_backbone_configs(vocab_size: int, image_size: int = 32, hidden: int = 64):
+    """Small randomly initialised backbones for the built-in synthetic dataset (no download)."""
+    from transformers import BertConfig, CLIPVisionConfig
+
+    text = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=2 * hidden, max_position_embeddings=64, hidden_dropout_prob=0.1)
+    vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+                              num_attention_heads=2, image_size=image_size, patch_size=8)
+    return text, vision
+
+
+def load_tokenizer_and_processor(args: argparse.Namespace):
+    """The tokenizer (the text model's, or the synthetic vocabulary's) and image processor (or None for the
+    research-code transform)."""
+    tokenizer = image_processor = None
+    if args.modality != "vision":
+        if args.text_model:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(args.text_model)
+        else:
+            from .data.synthetic import synthetic_tokenizer
+
+            tokenizer = synthetic_tokenizer()
+    if args.modality != "text" and args.vision_model and not args.research_image_transform:
+        from transformers import AutoImageProcessor
+
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(args.vision_model)
+        except (OSError, ValueError):
+            logger.warning("No image processor in %s: using the squash-and-normalise transform.", args.vision_model)
+    return tokenizer, image_processor
+
+
+def build_model(args: argparse.Namespace, tokenizer, num_items: int | None = None):
+    """A fresh model for pre-training (PMMRec around the given or built-in backbones, or SASRec)."""
+    objective = dict(
+        next_item_weight=args.next_item_weight, nicl_weight=args.nicl_weight, nid_weight=args.nid_weight,
+        rcl_weight=args.rcl_weight, nicl_temperature=args.nicl_temperature, rcl_temperature=args.rcl_temperature,
+        replace_prob=args.replace_prob, shuffle_prob=args.shuffle_prob, logq_correction=not args.no_logq,
+    )
+    builtin = not args.text_model and not args.vision_model
+    d = args.hidden_size or (64 if builtin else 768)
+    user_kwargs = dict(hidden_size=d, num_attention_heads=2, intermediate_size=4 * d if not builtin else 2 * d,
+                       max_position_embeddings=args.max_length)
+    if args.model_type == "sasrec":
+        from .sasrec import SASRecConfig, SASRecModel
+
+        return SASRecModel(SASRecConfig(num_items=num_items, logq_correction=not args.no_logq, **user_kwargs))
+    user_config = PMMRecUserEncoderConfig(**user_kwargs)
+    item_kwargs: dict[str, Any] = {"hidden_size": d}
+    for name in ("text_trainable_layers", "vision_trainable_layers", "max_text_length", "image_size"):
+        if getattr(args, name) is not None:
+            item_kwargs[name] = getattr(args, name)
+    if args.modality != "multimodal":
+        objective["nicl_weight"] = 0.0
+    if builtin:
+        text, vision = tiny_backbone_configs(len(tokenizer), image_size=args.image_size or 32, hidden=d)
+        item_kwargs.setdefault("text_trainable_layers", -1)
+        item_kwargs.setdefault("vision_trainable_layers", -1)
+        item_kwargs.setdefault("image_size", 32)
+        item_kwargs.setdefault("max_text_length", 32)
+        item_config = PMMRecItemEncoderConfig(
+            text_config=text if args.modality != "vision" else None,
+            vision_config=vision if args.modality != "text" else None,
+            modality=args.modality, fusion_num_attention_heads=2, fusion_intermediate_size=2 * d, **item_kwargs,
+        )
+        return PMMRecModel(PMMRecConfig(item_encoder_config=item_config, user_encoder_config=user_config,
+                                        nicl_projection_size=min(d, 256), **objective))
+    item_encoder = PMMRecItemEncoder.from_backbones_pretrained(
+        args.text_model if args.modality != "vision" else None,
+        args.vision_model if args.modality != "text" else None,
+        modality=args.modality, **item_kwargs,
+    )
+    return PMMRecModel.from_encoders(item_encoder, PMMRecModel(PMMRecConfig(
+        item_encoder_config=item_encoder.config, user_encoder_config=user_config, **objective)).user_encoder,
+        **objective)
+
+
+def build_collator(model, items, tokenizer, image_processor, max_length: int):
+    """The training collator matching the model (corruption is applied in the training loop, per step)."""
+    from .data.collator import PMMRecCollator
+
+    if not hasattr(model.config, "item_encoder_config"):  # SASRec: ids only
+        return PMMRecCollator(items, modality="ids", max_length=max_length)
+    return PMMRecCollator.from_config(model.config, items, tokenizer, image_processor, max_length=max_length,
+                                      replace_prob=0.0, shuffle_prob=0.0)
