@@ -1354,6 +1354,12 @@ def use_local_hub(
             module = sys.modules.get(module_name)
             if module is not None and isinstance(vars(module).get("HF_MODULES_CACHE"), str):
                 patch(module, "HF_MODULES_CACHE", str(Path(home) / "modules"))
+        datasets_config = sys.modules.get("datasets.config")
+        if datasets_config is not None:  # `datasets` reads the endpoint and its cache folders at import time
+            patch(datasets_config, "HF_ENDPOINT", endpoint)
+            for name in ("HF_DATASETS_CACHE", "HF_CACHE_HOME"):
+                if isinstance(getattr(datasets_config, name, None), (str, Path)):
+                    patch(datasets_config, name, type(getattr(datasets_config, name))(Path(home) / "datasets"))
         _reset_hf_session()
         yield env
     finally:
