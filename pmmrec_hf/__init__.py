@@ -19,6 +19,18 @@ from .sasrec import SASRecConfig, SASRecModel  # noqa: E402  (registers the ID b
 __version__ = "0.1.0"
 
 
+def __getattr__(name):  # light top-level imports: the Hub helpers load on first use
+    if name in ("push_pmmrec_to_hub", "check_component"):
+        from . import hub
+
+        return getattr(hub, name)
+    if name == "PMMRecCardData":
+        from .model_card import PMMRecCardData
+
+        return PMMRecCardData
+    raise AttributeError(f"module 'pmmrec_hf' has no attribute {name!r}")
+
+
 def _register() -> None:
     for config_class, model_class in (
         (PMMRecItemEncoderConfig, PMMRecItemEncoder),

@@ -365,8 +365,18 @@ class PMMRecPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        loaded = super().from_pretrained(*args, **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # A repo holding another PMMRec component would load with only a warning (and random weights): refuse it.
+        # The check lives in the package; a remote-code copy of this file runs without it (imports inside `try`
+        # are not remote-code requirements), which is safe: there AutoModel picks the class from the repo's config.
+        if pretrained_model_name_or_path is not None and kwargs.get("config") is None:
+            try:
+                from pmmrec_hf.hub import check_component
+            except ImportError:
+                check_component = None
+            if check_component is not None:
+                check_component(pretrained_model_name_or_path, cls.config_class.model_type, **kwargs)
+        loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         # loading re-creates parameters: restore the frozen / trainable split the config defines
         for module in model.modules():

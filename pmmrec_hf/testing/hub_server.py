@@ -1354,6 +1354,9 @@ def use_local_hub(
             module = sys.modules.get(module_name)
             if module is not None and isinstance(vars(module).get("HF_MODULES_CACHE"), str):
                 patch(module, "HF_MODULES_CACHE", str(Path(home) / "modules"))
+        transformers_hub = sys.modules.get("transformers.utils.hub")
+        if transformers_hub is not None and hasattr(transformers_hub, "_hf_api"):
+            patch(transformers_hub, "_hf_api", None)  # a shared HfApi bound to the endpoint active when it was made
         datasets_config = sys.modules.get("datasets.config")
         if datasets_config is not None:  # `datasets` reads the endpoint and its cache folders at import time
             patch(datasets_config, "HF_ENDPOINT", endpoint)
