@@ -9,13 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 
-import torch
+# this file is named like the Hugging Face `evaluate` package: keep its folder off the import path so that
+# `import evaluate` anywhere in the process finds the package, not this script
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _HERE]
 
-from pmmrec_hf.data.synthetic import synthetic_tokenizer
-from pmmrec_hf.metrics import DEFAULT_KS
-from pmmrec_hf.pipeline import SYNTHETIC, build_collator, load_data
-from pmmrec_hf.training import evaluate_model, popularity_metrics
+import torch  # noqa: E402
+
+from pmmrec_hf.data.synthetic import synthetic_tokenizer  # noqa: E402
+from pmmrec_hf.metrics import DEFAULT_KS  # noqa: E402
+from pmmrec_hf.pipeline import SYNTHETIC, build_collator, load_data  # noqa: E402
+from pmmrec_hf.training import evaluate_model, popularity_metrics  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

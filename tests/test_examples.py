@@ -1,5 +1,6 @@
 """The example scripts run in-process on the synthetic dataset (tiny backbones) and write what they promise."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -10,11 +11,6 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-
-import evaluate as _hf_evaluate  # noqa: E402,F401  (make sure the HF package wins over examples/evaluate.py)
-
-import importlib.util  # noqa: E402
 
 
 def _load(name):
