@@ -149,7 +149,7 @@ def default_processor(model: Any, tokenizer: Any = None, image_processor: Any = 
     ``encode_item_inputs``) set up from the model's item-encoder config: modality, ``max_text_length``,
     ``image_size``, ``image_mean`` / ``image_std``. ``image_processor=None`` uses the research code's
     transform (squash + normalise); ``overrides`` win. Call it as ``processor(texts, images)``."""
-    from .data.collator import ItemInputEncoder
+    from .data.collator import ItemInputEncoder, item_input_settings
 
     item_config = getattr(getattr(model, "config", None), "item_encoder_config", None)
     if item_config is None:
@@ -157,13 +157,7 @@ def default_processor(model: Any, tokenizer: Any = None, image_processor: Any = 
             f"{type(model).__name__} has no item-encoder config (an ID model?): it encodes no texts or images, "
             "so pass `processor=` or encode the catalogue from `item_inputs` (e.g. {'item_ids': ...})."
         )
-    kwargs: dict[str, Any] = dict(
-        modality=item_config.modality,
-        max_text_length=item_config.max_text_length,
-        image_size=item_config.image_size,
-        image_mean=tuple(item_config.image_mean),
-        image_std=tuple(item_config.image_std),
-    )
+    kwargs: dict[str, Any] = item_input_settings(item_config)
     kwargs.update(overrides)
     return ItemInputEncoder(tokenizer, image_processor, **kwargs)
 

@@ -393,6 +393,17 @@ def encode_item_inputs(
 # collators
 
 
+def item_input_settings(item_config: Any) -> dict[str, Any]:
+    """The item-input settings an item encoder config fixes: modality, text length, image size / mean / std."""
+    return dict(
+        modality=item_config.modality,
+        max_text_length=item_config.max_text_length,
+        image_size=item_config.image_size,
+        image_mean=tuple(item_config.image_mean),
+        image_std=tuple(item_config.image_std),
+    )
+
+
 def _row_items(row: Any) -> Sequence[Any]:
     if isinstance(row, Mapping):
         if "item_ids" not in row:
@@ -492,13 +503,7 @@ class PMMRecCollator:
         corruption probabilities when NID or RCL has a positive weight. ``overrides`` win."""
         item_config = getattr(config, "item_encoder_config", config)
         user_config = getattr(config, "user_encoder_config", None)
-        kwargs: dict[str, Any] = dict(
-            modality=item_config.modality,
-            max_text_length=item_config.max_text_length,
-            image_size=item_config.image_size,
-            image_mean=tuple(item_config.image_mean),
-            image_std=tuple(item_config.image_std),
-        )
+        kwargs: dict[str, Any] = item_input_settings(item_config)
         if user_config is not None:
             kwargs["max_length"] = user_config.max_position_embeddings
         if cls.train and hasattr(config, "replace_prob"):
