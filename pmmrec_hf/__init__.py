@@ -14,6 +14,7 @@ from .modeling_pmmrec import (
     PMMRecUserEncoderOutput,
 )
 
+from .feature_cache import FeatureCache  # noqa: E402
 from .sasrec import SASRecConfig, SASRecModel  # noqa: E402  (registers the ID baseline with AutoModel)
 
 __version__ = "0.1.0"
@@ -60,4 +61,5 @@ __all__ = [
     "BackboneTower",
     "SASRecConfig",
     "SASRecModel",
+    "FeatureCache",
 ]

@@ -549,11 +549,17 @@ class PMMRecItemEncoder(PMMRecPreTrainedModel):
         return self.vision_tower({"pixel_values": pixel_values})
 
     def _ensure_stem(self, tower: BackboneTower, features, attention_mask) -> None:
-        if tower._stem_names is None:
-            raise RuntimeError(
-                "Frozen features were given before the tower ever ran on raw inputs: compute them with "
-                "`text_frozen_features` / `vision_frozen_features` (or a FeatureCache) on this model first."
-            )
+        """Features can be given before the tower ever ran on raw inputs (e.g. from a feature cache on a freshly
+        loaded model): run its frozen part once on a dummy input so that it knows its stem modules."""
+        if tower._stem_names is not None:
+            return
+        if tower is self.text_tower:
+            ids = torch.ones(1, 2, dtype=torch.long, device=features.device)
+            tower.frozen_features({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+        else:
+            size = self.config.image_size
+            tower.frozen_features({"pixel_values": torch.zeros(1, 3, size, size, device=features.device,
+                                                                dtype=features.dtype)})
 
     def forward(
         self,
