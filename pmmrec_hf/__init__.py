@@ -14,6 +14,7 @@ from .modeling_pmmrec import (
     PMMRecUserEncoderOutput,
 )
 
+from . import backbones  # noqa: E402,F401  (registers extra backbone types, e.g. EfficientNet-Lite, with AutoModel)
 from .feature_cache import FeatureCache  # noqa: E402
 from .sasrec import SASRecConfig, SASRecModel  # noqa: E402  (registers the ID baseline with AutoModel)
 
