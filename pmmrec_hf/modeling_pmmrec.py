@@ -6,7 +6,6 @@ transformers and its sibling files.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -795,7 +794,7 @@ class PMMRecModel(PMMRecPreTrainedModel):
             extra = {}
             if gather:
                 all_text, valid, offset = gather_across_processes(text)
-                if offset or all_text.shape[0] != text.shape[0]:
+                if all_text.shape[0] != text.shape[0]:  # several processes: other processes' items join the pool
                     all_vision = gather_across_processes(vision)[0]
                     all_ids = gather_across_processes(item_ids)[0]
                     local = torch.zeros_like(valid)

@@ -17,7 +17,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,7 +63,6 @@ class TrainingConfig:
     shuffle_prob: float = 0.0
     streaming_buffer_size: int = 1000
     stop_after_steps: int | None = None  # stop (as if killed) after this many steps: for resume tests
-    extra: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------------
