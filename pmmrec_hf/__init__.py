@@ -14,9 +14,9 @@ from .modeling_pmmrec import (
     PMMRecUserEncoderOutput,
 )
 
-from . import backbones  # noqa: E402,F401  (registers extra backbone types, e.g. EfficientNet-Lite, with AutoModel)
-from .feature_cache import FeatureCache  # noqa: E402
-from .sasrec import SASRecConfig, SASRecModel  # noqa: E402  (registers the ID baseline with AutoModel)
+from .backbones import EfficientNetLiteConfig, EfficientNetLiteModel
+from .feature_cache import FeatureCache
+from .sasrec import SASRecConfig, SASRecModel
 
 __version__ = "0.1.0"
 
@@ -34,10 +34,13 @@ def __getattr__(name):  # light top-level imports: the Hub helpers load on first
 
 
 def _register() -> None:
+    """Every model type of the package, for AutoConfig / AutoModel (importing any submodule runs this)."""
     for config_class, model_class in (
         (PMMRecItemEncoderConfig, PMMRecItemEncoder),
         (PMMRecUserEncoderConfig, PMMRecUserEncoder),
         (PMMRecConfig, PMMRecModel),
+        (SASRecConfig, SASRecModel),  # the ID baseline
+        (EfficientNetLiteConfig, EfficientNetLiteModel),  # an extra backbone type (offline ImageNet weights)
     ):
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModel.register(config_class, model_class, exist_ok=True)

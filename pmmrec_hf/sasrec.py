@@ -221,16 +221,4 @@ class SASRecModel(PMMRecPreTrainedModel):
         )
 
 
-def _register() -> None:
-    from transformers import AutoConfig, AutoModel
-
-    AutoConfig.register(SASRecConfig.model_type, SASRecConfig, exist_ok=True)
-    AutoModel.register(SASRecConfig, SASRecModel, exist_ok=True)
-    # saved checkpoints carry their code and an auto_map, so they load with trust_remote_code
-    SASRecConfig.register_for_auto_class()
-    SASRecModel.register_for_auto_class("AutoModel")
-
-
-_register()
-
 __all__ = ["NEGATIVES", "SASRecConfig", "SASRecModel"]
