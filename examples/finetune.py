@@ -23,6 +23,7 @@ from pmmrec_hf.pipeline import (
     build_collator,
     load_data,
     load_tokenizer_and_processor,
+    scoring_overrides,
     training_config_from_args,
 )
 from pmmrec_hf.training import TrainingConfig, popularity_metrics, save_pmmrec_outputs, train
@@ -72,7 +73,8 @@ def main(argv=None) -> dict:
     objective = dict(next_item_weight=args.next_item_weight, nicl_weight=args.nicl_weight,
                      nid_weight=args.nid_weight, rcl_weight=args.rcl_weight, nicl_temperature=args.nicl_temperature,
                      rcl_temperature=args.rcl_temperature, logq_correction=not args.no_logq,
-                     replace_prob=args.replace_prob, shuffle_prob=args.shuffle_prob)
+                     replace_prob=args.replace_prob, shuffle_prob=args.shuffle_prob,
+                     **scoring_overrides(args, new_model=False))
     model = load_for_transfer(
         args.setting, args.pretrained, item_encoder=args.item_encoder, user_encoder=args.user_encoder,
         text_model=args.text_model, vision_model=args.vision_model, seed=args.seed, **objective,

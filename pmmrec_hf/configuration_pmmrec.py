@@ -43,6 +43,17 @@ def _check_non_negative(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be a non-negative number, got {value!r}.")
 
 
+SIMILARITIES = ("dot", "cosine")
+
+
+def _check_scoring(similarity: Any, temperature: Any) -> None:
+    """The next-item scoring fields shared by PMMRecConfig and SASRecConfig."""
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"`next_item_similarity` must be one of {SIMILARITIES}, got {similarity!r}.")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature <= 0:
+        raise ValueError(f"`next_item_temperature` must be a positive number, got {temperature!r}.")
+
+
 def _backbone_hidden_size(config: PretrainedConfig) -> int:
     """Width of the token states a backbone outputs (transformers: hidden_size; conv nets: last channel count)."""
     for name in ("hidden_size", "embed_dim", "d_model"):
@@ -277,6 +288,12 @@ class PMMRecConfig(PretrainedConfig):
         rcl_temperature (`float`, *optional*, defaults to 0.1): RCL temperature.
         nicl_projection_size (`int`, *optional*, defaults to 256): output size of the NICL projection heads.
         logq_correction (`bool`, *optional*, defaults to `True`): subtract log q(item) from next-item logits.
+        next_item_similarity (`str`, *optional*, defaults to `"dot"`): how a user state scores an item.
+            `"dot"`: raw dot product (the research code). `"cosine"`: item embeddings (`encode_items`, the
+            catalogue, the user encoder's inputs) and user embeddings are L2-normalised, so the score is a
+            cosine; use it with a temperature around 0.05-0.1.
+        next_item_temperature (`float`, *optional*, defaults to 1.0): next-item logits are divided by it
+            (before the log-q correction). Ranking does not depend on it.
         gather_negatives (`bool`, *optional*, defaults to `True`):
             gather in-batch negatives across processes when torch.distributed is initialised.
         replace_prob (`float`, *optional*, defaults to 0.1): NID/RCL corruption, per-item replacement.
@@ -301,6 +318,8 @@ class PMMRecConfig(PretrainedConfig):
         rcl_temperature: float = 0.1,
         nicl_projection_size: int = 256,
         logq_correction: bool = True,
+        next_item_similarity: str = "dot",
+        next_item_temperature: float = 1.0,
         gather_negatives: bool = True,
         replace_prob: float = 0.1,
         shuffle_prob: float = 0.1,
@@ -327,6 +346,8 @@ class PMMRecConfig(PretrainedConfig):
         self.rcl_temperature = rcl_temperature
         self.nicl_projection_size = nicl_projection_size
         self.logq_correction = logq_correction
+        self.next_item_similarity = next_item_similarity
+        self.next_item_temperature = next_item_temperature
         self.gather_negatives = gather_negatives
         self.replace_prob = replace_prob
         self.shuffle_prob = shuffle_prob
@@ -351,6 +372,7 @@ class PMMRecConfig(PretrainedConfig):
             if not isinstance(value, (int, float)) or value <= 0:
                 raise ValueError(f"`{name}` must be positive, got {value!r}.")
         _check_positive("nicl_projection_size", self.nicl_projection_size)
+        _check_scoring(self.next_item_similarity, self.next_item_temperature)
         _check_probability("replace_prob", self.replace_prob)
         _check_probability("shuffle_prob", self.shuffle_prob)
 

@@ -93,6 +93,7 @@ def next_item_loss(
     candidate_log_q: torch.Tensor | None = None,
     candidate_valid: torch.Tensor | None = None,
     reduction: str = "mean",
+    temperature: float = 1.0,
 ) -> torch.Tensor:
     """In-batch softmax next-item loss over every real position ("all-action").
 
@@ -106,6 +107,8 @@ def next_item_loss(
         candidate_log_q: (C,) optional log popularity, subtracted from the logits (log-q correction).
         candidate_valid: (C,) optional mask of real candidates (False for padding rows of a gather).
         reduction: "mean" or "sum" over positions.
+        temperature: logits are ``query @ candidates.T / temperature`` (1.0: the research code's raw dot
+            products; with L2-normalised query and candidates, a cosine softmax at that temperature).
 
     Candidates are masked out for a position when their id occurs anywhere in the position's user's
     sequence (false negatives) unless they are that position's positive; duplicate candidates (the same id
@@ -118,6 +121,8 @@ def next_item_loss(
         is_first = is_first & candidate_valid
     target_canonical = canonical[targets]  # (P,)
     logits = query @ candidates.t()  # (P, C)
+    if temperature != 1.0:
+        logits = logits / temperature
     if candidate_log_q is not None:
         logits = logits - candidate_log_q.to(logits.dtype)[None, :]  # (P, C)
     in_sequence = (candidate_ids[None, :, None] == user_item_ids[:, None, :]).any(-1)  # (B, C)

@@ -404,6 +404,23 @@ def _mean(total: torch.Tensor, count: int, across_processes: bool) -> torch.Tens
     return total / max(count, 1)
 
 
+def _normalise_if_cosine(embeddings: torch.Tensor, config) -> torch.Tensor:
+    """L2-normalise along the last dimension when `config.next_item_similarity` is "cosine" (else unchanged)."""
+    if getattr(config, "next_item_similarity", "dot") == "cosine":
+        return F.normalize(embeddings, dim=-1)
+    return embeddings
+
+
+def _encode_users(user_encoder: nn.Module, item_embeddings: torch.Tensor, item_index: torch.Tensor, config):
+    """Run `user_encoder` on sequences given as indices (B, S) into `item_embeddings` (N, d), -1 at padding;
+    the user embeddings are L2-normalised with cosine scoring. Shared by PMMRecModel and SASRecModel."""
+    valid = item_index >= 0  # (B, S)
+    seq = item_embeddings[item_index.clamp(min=0)] * valid[..., None].to(item_embeddings.dtype)  # (B, S, d)
+    out = user_encoder(inputs_embeds=seq, attention_mask=valid)
+    out.user_embeddings = _normalise_if_cosine(out.user_embeddings, config)
+    return out
+
+
 def _masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     # tokens: (N, T, d); mask: (N, T) -> (N, d)
     weights = mask.to(tokens.dtype)[..., None]  # (N, T, 1)
@@ -716,14 +733,13 @@ class PMMRecModel(PMMRecPreTrainedModel):
         return cls(config, item_encoder=item_encoder, user_encoder=user_encoder)
 
     def encode_items(self, **item_inputs) -> torch.Tensor:
-        """(N, d) item embeddings from item inputs (input_ids, attention_mask, pixel_values, or features)."""
-        return self.item_encoder(**item_inputs).item_embeddings
+        """(N, d) item embeddings from item inputs (input_ids, attention_mask, pixel_values, or features);
+        L2-normalised with `next_item_similarity="cosine"`."""
+        return _normalise_if_cosine(self.item_encoder(**item_inputs).item_embeddings, self.config)
 
     def encode_users(self, item_embeddings: torch.Tensor, item_index: torch.Tensor) -> PMMRecUserEncoderOutput:
         """User states for sequences given as indices (B, S) into item_embeddings (N, d), -1 at padding."""
-        valid = item_index >= 0  # (B, S)
-        seq = item_embeddings[item_index.clamp(min=0)] * valid[..., None].to(item_embeddings.dtype)  # (B, S, d)
-        return self.user_encoder(inputs_embeds=seq, attention_mask=valid)
+        return _encode_users(self.user_encoder, item_embeddings, item_index, self.config)
 
     def forward(
         self,
@@ -746,7 +762,7 @@ class PMMRecModel(PMMRecPreTrainedModel):
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
             text_features=text_features, vision_features=vision_features,
         )
-        item_emb = items.item_embeddings  # (N, d)
+        item_emb = _normalise_if_cosine(items.item_embeddings, config)  # (N, d)
         if not return_loss:
             users = self.encode_users(item_emb, item_index)
             return PMMRecModelOutput(
@@ -776,7 +792,7 @@ class PMMRecModel(PMMRecPreTrainedModel):
                 if log_q is not None:
                     candidate_log_q = gather_across_processes(log_q)[0]
             total = next_item_loss(
-                query=states[query_users, query_slots],
+                query=_normalise_if_cosine(states[query_users, query_slots], config),
                 candidates=candidates,
                 targets=targets[query_users, query_slots] + offset,
                 query_users=query_users,
@@ -785,6 +801,7 @@ class PMMRecModel(PMMRecPreTrainedModel):
                 candidate_log_q=candidate_log_q,
                 candidate_valid=valid,
                 reduction="sum",
+                temperature=config.next_item_temperature,
             )
             losses["next_item_loss"] = _mean(total, query_users.numel(), gather)
 

@@ -60,6 +60,12 @@ def add_objective_args(parser: argparse.ArgumentParser, defaults: dict[str, floa
     group.add_argument("--replace-prob", type=float, default=0.1, help="NID/RCL corruption: item replacement")
     group.add_argument("--shuffle-prob", type=float, default=0.1, help="NID/RCL corruption: span shuffle")
     group.add_argument("--no-logq", action="store_true", help="disable the log-popularity correction")
+    group.add_argument("--next-item-similarity", choices=("dot", "cosine"), default=None,
+                       help="next-item scoring: dot (the research code; default for a new model) or cosine "
+                            "(L2-normalised embeddings, use with --next-item-temperature ~0.07); fine-tuning keeps "
+                            "the pre-trained model's unless given")
+    group.add_argument("--next-item-temperature", type=float, default=None,
+                       help="next-item logits are divided by it (default 1.0 for a new model)")
 
 
 def add_training_args(parser: argparse.ArgumentParser, defaults: TrainingConfig) -> None:
@@ -174,12 +180,24 @@ def load_tokenizer_and_processor(args: argparse.Namespace):
     return tokenizer, image_processor
 
 
+def scoring_overrides(args: argparse.Namespace, new_model: bool) -> dict[str, Any]:
+    """The next-item scoring fields given on the command line; a new model gets the defaults (dot, 1.0) for the
+    rest, a fine-tuned one keeps its pre-trained values (changing the scoring under a trained model breaks it)."""
+    values = {"next_item_similarity": getattr(args, "next_item_similarity", None),
+              "next_item_temperature": getattr(args, "next_item_temperature", None)}
+    if new_model:
+        values = {"next_item_similarity": values["next_item_similarity"] or "dot",
+                  "next_item_temperature": values["next_item_temperature"] or 1.0}
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def build_model(args: argparse.Namespace, tokenizer, num_items: int | None = None):
     """A fresh model for pre-training (PMMRec around the given or built-in backbones, or SASRec)."""
     objective = dict(
         next_item_weight=args.next_item_weight, nicl_weight=args.nicl_weight, nid_weight=args.nid_weight,
         rcl_weight=args.rcl_weight, nicl_temperature=args.nicl_temperature, rcl_temperature=args.rcl_temperature,
         replace_prob=args.replace_prob, shuffle_prob=args.shuffle_prob, logq_correction=not args.no_logq,
+        **scoring_overrides(args, new_model=True),
     )
     builtin = not args.text_model and not args.vision_model
     d = args.hidden_size or (64 if builtin else 768)
@@ -188,7 +206,8 @@ def build_model(args: argparse.Namespace, tokenizer, num_items: int | None = Non
     if args.model_type == "sasrec":
         from .sasrec import SASRecConfig, SASRecModel
 
-        return SASRecModel(SASRecConfig(num_items=num_items, logq_correction=not args.no_logq, **user_kwargs))
+        return SASRecModel(SASRecConfig(num_items=num_items, logq_correction=not args.no_logq,
+                                        **scoring_overrides(args, new_model=True), **user_kwargs))
     user_config = PMMRecUserEncoderConfig(**user_kwargs)
     item_kwargs: dict[str, Any] = {"hidden_size": d}
     for name in ("text_trainable_layers", "vision_trainable_layers", "max_text_length", "image_size"):

@@ -34,9 +34,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from .configuration_pmmrec import PMMRecUserEncoderConfig, _check_positive
+from .configuration_pmmrec import PMMRecUserEncoderConfig, _check_positive, _check_scoring
 from .losses import _user_item_ids, distributed_mean, gather_across_processes, next_item_loss
-from .modeling_pmmrec import PMMRecModelOutput, PMMRecPreTrainedModel, PMMRecUserEncoder, PMMRecUserEncoderOutput
+from .modeling_pmmrec import (
+    PMMRecModelOutput,
+    PMMRecPreTrainedModel,
+    PMMRecUserEncoder,
+    PMMRecUserEncoderOutput,
+    _encode_users,
+    _normalise_if_cosine,
+)
 
 NEGATIVES = ("in_batch", "full")
 
@@ -71,6 +78,9 @@ class SASRecConfig(PMMRecUserEncoderConfig):
         logq_correction (`bool`, *optional*, defaults to `True`):
             subtract log q(item) from the in-batch logits when the batch has `item_log_popularity`
             (ignored for `negatives="full"`).
+        next_item_similarity (`str`, *optional*, defaults to `"dot"`), next_item_temperature (`float`,
+            *optional*, defaults to 1.0): as in [`PMMRecConfig`]: `"cosine"` L2-normalises the item table rows
+            and the user embeddings, and the logits are divided by the temperature.
         gather_negatives (`bool`, *optional*, defaults to `True`):
             gather in-batch negatives across processes when torch.distributed is initialised.
 
@@ -85,11 +95,15 @@ class SASRecConfig(PMMRecUserEncoderConfig):
         negatives: str = "in_batch",
         logq_correction: bool = True,
         gather_negatives: bool = True,
+        next_item_similarity: str = "dot",
+        next_item_temperature: float = 1.0,
         **kwargs,
     ):
         self.num_items = num_items
         self.negatives = negatives
         self.logq_correction = logq_correction
+        self.next_item_similarity = next_item_similarity
+        self.next_item_temperature = next_item_temperature
         self.gather_negatives = gather_negatives
         super().__init__(**kwargs)  # user-encoder fields; calls validate()
 
@@ -99,6 +113,7 @@ class SASRecConfig(PMMRecUserEncoderConfig):
             _check_positive("num_items", self.num_items)
         if self.negatives not in NEGATIVES:
             raise ValueError(f"`negatives` must be one of {NEGATIVES}, got {self.negatives!r}.")
+        _check_scoring(self.next_item_similarity, self.next_item_temperature)
 
     @property
     def user_encoder_config(self) -> PMMRecUserEncoderConfig:
@@ -137,17 +152,16 @@ class SASRecModel(PMMRecPreTrainedModel):
                 f"`item_ids` must lie in [0, {self.config.num_items}), got values in "
                 f"[{int(item_ids.min())}, {int(item_ids.max())}]."
             )
-        return self.item_embeddings(item_ids)
+        return _normalise_if_cosine(self.item_embeddings(item_ids), self.config)
 
     def encode_users(self, item_embeddings: torch.Tensor, item_index: torch.Tensor) -> PMMRecUserEncoderOutput:
         """User states for sequences given as indices (B, S) into item_embeddings (N, d), -1 at padding."""
-        valid = item_index >= 0  # (B, S)
-        seq = item_embeddings[item_index.clamp(min=0)] * valid[..., None].to(item_embeddings.dtype)  # (B, S, d)
-        return self.user_encoder(inputs_embeds=seq, attention_mask=valid)
+        return _encode_users(self.user_encoder, item_embeddings, item_index, self.config)
 
     def all_item_embeddings(self) -> torch.Tensor:
-        """(num_items, d) the whole item table (row i = item id i), e.g. for full-ranking evaluation."""
-        return self.item_embeddings.weight
+        """(num_items, d) the whole item table (row i = item id i), e.g. for full-ranking evaluation
+        (L2-normalised rows with `next_item_similarity="cosine"`)."""
+        return _normalise_if_cosine(self.item_embeddings.weight, self.config)
 
     # --- training -----------------------------------------------------------------------------------
 
@@ -174,7 +188,7 @@ class SASRecModel(PMMRecPreTrainedModel):
         states = users.last_hidden_state  # (B, L, d)
         positions = (inputs >= 0) & (targets >= 0)  # (B, L)
         query_users, query_slots = positions.nonzero(as_tuple=True)  # (P,), (P,)
-        query = states[query_users, query_slots]  # (P, d)
+        query = _normalise_if_cosine(states[query_users, query_slots], config)  # (P, d)
         target_rows = targets[query_users, query_slots]  # (P,) rows of item_emb
         user_ids = _user_item_ids(item_index, item_ids)  # (B, S)
         count = torch.tensor(query_users.numel(), device=item_emb.device)
@@ -189,6 +203,7 @@ class SASRecModel(PMMRecPreTrainedModel):
                 user_item_ids=user_ids,
                 candidate_ids=torch.arange(table.shape[0], device=table.device),
                 reduction="sum",
+                temperature=config.next_item_temperature,
             )
         else:
             gather = config.gather_negatives
@@ -209,6 +224,7 @@ class SASRecModel(PMMRecPreTrainedModel):
                 candidate_log_q=candidate_log_q,
                 candidate_valid=valid,
                 reduction="sum",
+                temperature=config.next_item_temperature,
             )
         # mean over all positions of all processes (= total / count with one process)
         loss = distributed_mean(total, count)

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -256,6 +257,7 @@ def train(
     accelerator=None,
     save_fn=None,
     feature_cache=None,
+    on_evaluate=None,
 ) -> dict[str, Any]:
     """Train `model` on `train_dataset` rows with Accelerate; evaluate on `eval_rows`; checkpoint and resume.
 
@@ -266,7 +268,13 @@ def train(
     inputs (input_ids / attention_mask / pixel_values) are then replaced by ``feature_cache.lookup(item_ids)``
     before the forward pass, and evaluation embeds the catalogue from it, so the towers' frozen blocks are
     never recomputed (a ``modality="ids"`` collator avoids tokenising and decoding images at all).
-    Returns a summary: steps, final losses, the evaluation history, the output paths.
+    `on_evaluate(step, metrics, model, item_embeddings)`: called on every process after each evaluation of
+    `eval_rows`, with the unwrapped model in eval mode and the catalogue embeddings the metrics were computed
+    from (e.g. to keep the best checkpoint, or to score a second split at the same step without embedding the
+    catalogue again: ``evaluate_model(model, collator, test_rows, item_embeddings=item_embeddings)``, as the
+    transfer benchmark does for its epochs grid).
+    Returns a summary: steps, final losses, the evaluation history, `train_seconds` (the training loop's wall
+    time without evaluation) and `eval_seconds`.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -348,17 +356,28 @@ def train(
                     yield {k: v.to(accelerator.device) for k, v in batch.items()} if streaming else batch
             epoch += 1
 
+    timing = {"eval_seconds": 0.0}
+
     def evaluate_now() -> dict[str, float]:
+        eval_start = time.perf_counter()
+        was_training = unwrapped.training
+        unwrapped.eval()
+        catalogue = encode_catalogue(unwrapped, collator, config.catalogue_batch_size, accelerator.device,
+                                     feature_cache=feature_cache)
         metrics = evaluate_model(unwrapped, collator, eval_rows, ks=config.ks, batch_size=config.eval_batch_size,
-                                 catalogue_batch_size=config.catalogue_batch_size, accelerator=accelerator,
-                                 feature_cache=feature_cache)
+                                 accelerator=accelerator, item_embeddings=catalogue)
         history.append({"step": step, **metrics})
+        if on_evaluate is not None:
+            on_evaluate(step, metrics, unwrapped, catalogue)
+        unwrapped.train(was_training)
+        timing["eval_seconds"] += time.perf_counter() - eval_start
         accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "num_users"}, step=step)
         if accelerator.is_main_process:
             progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                           if k in (f"hr@{config.ks[0]}", f"ndcg@{config.ks[0]}")))
         return metrics
 
+    loop_start = time.perf_counter()
     if eval_rows is not None and start_step == 0:
         evaluate_now()
     model.train()
@@ -403,6 +422,7 @@ def train(
     progress.close()
     if eval_rows is not None:
         evaluate_now()
+    train_seconds = time.perf_counter() - loop_start - timing["eval_seconds"]
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -410,6 +430,7 @@ def train(
         (output_dir / "eval_history.json").write_text(json.dumps(history, indent=2))
     accelerator.end_training()
     return {"global_step": step, "stopped": False, "eval_history": history, "last_logs": last_logs,
+            "train_seconds": train_seconds, "eval_seconds": timing["eval_seconds"],
             "collator_stats": dict(getattr(collator, "stats", {}))}
 
 

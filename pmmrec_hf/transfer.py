@@ -162,7 +162,8 @@ def load_for_transfer(
 
 _MODEL_FIELDS = (
     "next_item_weight", "nicl_weight", "nid_weight", "rcl_weight", "nicl_temperature", "rcl_temperature",
-    "nicl_projection_size", "logq_correction", "gather_negatives", "replace_prob", "shuffle_prob",
+    "nicl_projection_size", "logq_correction", "next_item_similarity", "next_item_temperature", "gather_negatives",
+    "replace_prob", "shuffle_prob",
 )
 
 

@@ -21,7 +21,8 @@ def test_transfer_benchmark_runs_every_row(tmp_path, capsys):
     output = tmp_path / "results.json"
     result = bench.main([
         "--quick", "--synthetic", "--tiny-backbones", "--work-dir", str(tmp_path / "work"), "--output", str(output),
-        "--steps", "2", "--pretrain-steps", "2", "--seeds", "0", "--max-users", "40", "--batch-size", "8",
+        "--epochs", "hm=2", "amazon-office=1", "--pretrain-steps", "2", "--seeds", "0", "--max-users", "40",
+        "--batch-size", "8", "--learning-rates", "1e-3", "1e-4",
         "--hidden-size", "32", "--max-text-length", "16", "--image-size", "32",
     ])
     saved = json.loads(output.read_text())
@@ -35,7 +36,17 @@ def test_transfer_benchmark_runs_every_row(tmp_path, capsys):
         assert all(0.0 <= v <= 1.0 for v in row["test"].values())
         assert row["train_seconds"] >= 0.0
         if row["setting"] in bench.SETTINGS:
-            assert row["seed"] == 0 and row["lr"] == 1e-3 and row["steps"] == 2
+            # the chosen grid point is the best on validation among lr {1e-3, 1e-4} x epochs {1, .., E}
+            per_epoch = 5  # 40 users, batch 8
+            max_epochs = 2 if row["dataset"] == "hm" else 1
+            assert row["seed"] == 0 and row["lr"] in (1e-3, 1e-4) and row["epochs"] in range(1, max_epochs + 1)
+            assert row["steps"] == row["epochs"] * per_epoch
+            points = [(float(lr), e, v) for lr, curve in row["curves"].items() for e, v, _ in curve if e > 0]
+            assert len(points) == 2 * max_epochs
+            assert row["validation"]["ndcg@10"] == max(v for _, _, v in points)
+            assert (row["lr"], row["epochs"], row["validation"]["ndcg@10"]) in points
+            assert [e for e, _, _ in row["curves"]["0.001"]] == list(range(max_epochs + 1))
+            assert row["grid_train_seconds"] >= row["train_seconds"]
             assert row["modality"] == ("ids" if row["setting"] == "sasrec" else
                                        "text" if row["dataset"] == "amazon-office" else "multimodal")
             assert set(row["validation"]) == set(bench.METRICS)
@@ -47,6 +58,16 @@ def test_transfer_benchmark_runs_every_row(tmp_path, capsys):
         for setting in bench.SETTINGS:
             assert f"| {dataset} | {setting} | 1 |" in printed
     assert "±" in printed
+    assert result["plot"] is not None and Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_epochs_per_target_parsing():
+    bench = _load_script()
+    assert bench.parse_args(["--epochs", "4"]).epochs == {t: 4 for t in bench.TARGETS}
+    assert bench.parse_args(["--epochs", "4", "hm=7"]).epochs == {"hm": 7, "amazon-office": 4}
+    for bad in (["hm=3"], ["movies=3", "2"], ["0"], ["x"]):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--epochs", *bad])
 
 
 def test_work_dir_inside_the_repository_is_refused():
@@ -79,3 +100,36 @@ def test_cached_catalogue_equals_recomputed(tmp_path):
     expected = encode_catalogue(model, raw, batch_size=16)
     cached = encode_catalogue(model, ids, batch_size=16, feature_cache=cache)
     torch.testing.assert_close(cached, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_any_backbone_checkpoint_can_be_named(tmp_path):
+    """--text-model / --vision-model take any folder or Hub id, e.g. a CLIP dual encoder (as
+    openai/clip-vit-base-patch32 is), whose own image normalisation is used."""
+    from tiny_models import tiny_text_config, tiny_vision_config
+    from transformers import BertModel, CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    from pmmrec_hf.data.synthetic import synthetic_tokenizer
+
+    bench = _load_script()
+    tokenizer = synthetic_tokenizer()
+    text_dir, vision_dir = tmp_path / "text", tmp_path / "clip"
+    BertModel(tiny_text_config(vocab_size=len(tokenizer))).save_pretrained(text_dir)
+    tokenizer.save_pretrained(text_dir)
+    vision = tiny_vision_config("clip")
+    clip = CLIPConfig(text_config={"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                                   "num_attention_heads": 2, "vocab_size": 99},
+                      vision_config=vision.to_dict(), projection_dim=8)
+    CLIPModel(clip).save_pretrained(vision_dir)
+    mean, std = [0.48145466, 0.4578275, 0.40821073], [0.26862954, 0.26130258, 0.27577711]
+    CLIPImageProcessor(image_mean=mean, image_std=std).save_pretrained(vision_dir)
+    args = bench.parse_args(["--quick", "--work-dir", str(tmp_path / "work"), "--text-model", str(text_dir),
+                             "--vision-model", str(vision_dir), "--hidden-size", "16",
+                             "--image-size", str(vision.image_size)])
+    text_model, vision_model = bench.backbones(args)
+    assert (text_model, vision_model) == (str(text_dir), str(vision_dir))
+    model = bench.new_pmmrec(args, text_model, vision_model, "multimodal", bench.PRETRAIN_OBJECTIVE, seed=0)
+    assert model.config.item_encoder_config.image_mean == mean
+    assert model.config.item_encoder_config.image_std == std
+    assert model.config.item_encoder_config.vision_config.model_type == "clip_vision_model"
+    # without an image processor in the folder: the config default (EfficientNet-Lite's 0.5 / 0.5)
+    assert bench.image_normalisation(str(text_dir)) == {}
