@@ -1,24 +1,27 @@
 #!/usr/bin/env python
-"""Real-data transfer benchmark: pre-train PMMRec on MovieLens-100K, transfer to H&M and Amazon Office.
+"""Real-data transfer benchmark: pre-train PMMRec on movies, transfer to H&M and Amazon Office, against SASRec.
 
-    python benchmarks/transfer.py --quick                       # 2 CPU cores: see benchmarks/TRANSFER.md
-    python benchmarks/transfer.py --quick --seeds 0 1 2 --output /tmp/transfer.json
+    python benchmarks/transfer.py --quick                       # 2 CPU cores, < 30 min: see benchmarks/TRANSFER.md
+    python benchmarks/transfer.py                               # larger: MovieLens-1M source, lr grid, more epochs
+    python benchmarks/transfer.py --render results.json         # re-print the table / re-draw the plot of a run
 
-Steps: (1) prepare the source (MovieLens-100K preset: posters + synopses) and the targets (H&M preset with
-text and images required; Amazon Office, text only) from --data-root into --work-dir; (2) convert
-EfficientNet-Lite0 once (MiniLM is used as installed); (3) build one frozen-feature cache per dataset
-(`FeatureCache` over all items: the towers' frozen blocks run once per item, training runs only the top
---trainable-layers blocks); (4) pre-train PMMRec on the source (next-item + NICL); (5) for each target and
-seed train, under the same budget (same steps, batch size, lr grid chosen on validation), the rows:
-SASRec (ID, target only), PMMRec `scratch`, transferred `full`, `item_encoder`, `user_encoder` and
-`full_lora` (full + LoRA adapters only); on the text-only Amazon Office the pre-trained model is first
-reduced to its text tower + user encoder (transfer setting `text`), and the four settings start from that.
-Every row is evaluated with the same code (`evaluate_model`: full ranking over all items, history masked)
-on the same leave-one-out splits: the lr is chosen by validation NDCG@10, test HR/NDCG@10/20/50 reported.
+Steps: (1) prepare the source (--source: MovieLens-100K posters + synopses, or MovieLens-1M joined to them) and
+the targets (H&M with text and images required; Amazon Office, text only) from --data-root into --work-dir;
+(2) the backbones: all-MiniLM-L6-v2 and EfficientNet-Lite0 (converted once) offline, or --text-model /
+--vision-model; (3) one frozen-feature cache per dataset (`FeatureCache` over all items: the towers' frozen
+blocks run once per item, training runs only the top --trainable-layers blocks); (4) pre-train PMMRec on the
+source (next-item + NICL); (5) for each target and seed train the rows SASRec (ID, target only), PMMRec
+`scratch`, transferred `full`, `item_encoder`, `user_encoder` and `full_lora` (full + LoRA adapters only); on
+the text-only Amazon Office the pre-trained model is first reduced to its text tower + user encoder (transfer
+setting `text`). Every row of a target gets the same budget: for each lr of --learning-rates it trains
+--epochs epochs at a constant lr and is scored on validation after every epoch; the (lr, epochs) point with
+the best validation NDCG@10 is reported on test. Every model uses the same next-item scoring (--similarity,
+--temperature). Evaluation is the same code for all (`evaluate_model`: full ranking over all items, history
+masked), HR/NDCG@10/20/50.
 
-Writes --output (JSON rows: dataset, setting, seed, lr, test metrics, validation metrics, training seconds)
-and prints a markdown table of mean +- std over seeds. A PNG bar plot is written when matplotlib is
-installed (it is not a dependency: otherwise the plot is skipped, with a message).
+Writes --output (JSON rows: dataset, setting, seed, chosen lr and epochs, test and validation metrics,
+training seconds, per-epoch curves), prints a markdown table of mean +- std over seeds, and draws a PNG bar
+plot when matplotlib is installed (extra `bench`; otherwise the plot is skipped, with a message).
 
 Nothing derived from the datasets is written outside --work-dir (default /tmp/pmmrec_transfer).
 """
@@ -84,6 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="prepared data, converted backbone, caches (never inside the repository)")
     parser.add_argument("--output", default=None, help="results JSON (default <work-dir>/results.json)")
     parser.add_argument("--plot", default=None, help="PNG bar plot (default <output>.png; needs matplotlib)")
+    parser.add_argument("--render", default=None, metavar="RESULTS_JSON",
+                        help="train nothing: print the table of an earlier run's results JSON and draw its plot")
     parser.add_argument("--source", choices=SOURCES, default=None,
                         help="pre-training dataset (quick: movielens-100k; otherwise movielens-1m)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
@@ -100,7 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--trainable-layers", type=int, default=None, help="top tower blocks that train")
     parser.add_argument("--similarity", choices=("dot", "cosine"), default="cosine",
-                        help="next-item scoring of every model, SASRec included (see PMMRecConfig.next_item_similarity)")
+                        help="next-item scoring of every model, SASRec included "
+                             "(see PMMRecConfig.next_item_similarity)")
     parser.add_argument("--temperature", type=float, default=0.07, help="next-item softmax temperature (every model)")
     parser.add_argument("--max-length", type=int, default=20, help="L, user sequence length (prepare + model)")
     parser.add_argument("--max-users", type=int, default=None, help="import only the first N users of each dataset")
@@ -487,7 +493,9 @@ def plot(rows: list[dict], path: str, title: str = "") -> str | None:
             if line == 0:
                 ax.set_title(dataset)
     if title:
-        fig.suptitle(title, fontsize=9)
+        import textwrap
+
+        fig.suptitle("\n".join(textwrap.wrap(title, 110)), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -497,8 +505,27 @@ def plot(rows: list[dict], path: str, title: str = "") -> str | None:
 # --------------------------------------------------------------------------------------------------
 
 
+def plot_title(args) -> str:
+    return (f"PMMRec transfer from {args.source}: mean ± std over seeds {args.seeds}; the same lr x epochs grid for "
+            f"every row (lr {args.learning_rates}, epochs {args.epochs}), best point on validation, test shown")
+
+
+def render(path: str, plot_path: str | None) -> dict:
+    """Re-print the table of a results JSON and re-draw its plot (no training)."""
+    result = json.loads(Path(path).read_text())
+    table = markdown_table(result["rows"])
+    print(table)
+    saved = argparse.Namespace(**result["args"])
+    result["plot"] = plot(result["rows"], plot_path or str(Path(path).with_suffix(".png")), plot_title(saved))
+    print(f"plot: {result['plot']}" if result["plot"] else "plot: skipped (matplotlib is not installed)")
+    result["table"] = table
+    return result
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.render:
+        return render(args.render, args.plot)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("pmmrec_hf.transfer", "accelerate", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -556,9 +583,7 @@ def main(argv=None) -> dict:
     Path(args.output).write_text(json.dumps(result, indent=1))
     print(table)
     print("\ntimings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
-    title = (f"PMMRec transfer from {args.source}: mean ± std over seeds {args.seeds}; same lr x epochs grid per row "
-             f"(lr {args.learning_rates}, epochs {args.epochs}), best on validation")
-    plot_path = plot(rows, args.plot or str(Path(args.output).with_suffix(".png")), title)
+    plot_path = plot(rows, args.plot or str(Path(args.output).with_suffix(".png")), plot_title(args))
     result["plot"] = plot_path
     print(f"plot: {plot_path}" if plot_path else "plot: skipped (matplotlib is not installed)")
     print(f"results: {args.output}")

@@ -59,6 +59,10 @@ def test_transfer_benchmark_runs_every_row(tmp_path, capsys):
             assert f"| {dataset} | {setting} | 1 |" in printed
     assert "±" in printed
     assert result["plot"] is not None and Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # --render re-prints the same table from the JSON and re-draws the plot, training nothing
+    rendered = bench.main(["--render", str(output), "--plot", str(tmp_path / "again.png")])
+    assert rendered["table"] == saved["table"]
+    assert (tmp_path / "again.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_epochs_per_target_parsing():
@@ -133,3 +137,26 @@ def test_any_backbone_checkpoint_can_be_named(tmp_path):
     assert model.config.item_encoder_config.vision_config.model_type == "clip_vision_model"
     # without an image processor in the folder: the config default (EfficientNet-Lite's 0.5 / 0.5)
     assert bench.image_normalisation(str(text_dir)) == {}
+
+
+def test_readme_table_is_the_committed_run():
+    """The README's transfer table repeats, cell for cell, the table that the committed run printed
+    (benchmarks/transfer_quick.json holds the run's rows and its printed table)."""
+    bench = _load_script()
+    repo = SCRIPT.parents[1]
+    saved = json.loads((repo / "benchmarks" / "transfer_quick.json").read_text())
+    assert bench.markdown_table(saved["rows"]) == saved["table"]
+    printed = {}
+    for line in saved["table"].splitlines()[2:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        printed[(cells[0], cells[1])] = dict(zip(bench.METRICS, cells[3:3 + len(bench.METRICS)]))
+    readme = (repo / "README.md").read_text().split("## Transfer on real data", 1)[1]
+    rows = [line for line in readme.splitlines() if line.startswith("| `")]
+    assert len(rows) == 1 + len(bench.SETTINGS)
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        setting = cells[0].strip("`")
+        assert cells[1:] == [printed[("hm", setting)]["hr@10"], printed[("hm", setting)]["ndcg@10"],
+                             printed[("amazon-office", setting)]["hr@10"],
+                             printed[("amazon-office", setting)]["ndcg@10"]]
+    assert (repo / "benchmarks" / "transfer_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
