@@ -159,4 +159,4 @@ def test_readme_table_is_the_committed_run():
         assert cells[1:] == [printed[("hm", setting)]["hr@10"], printed[("hm", setting)]["ndcg@10"],
                              printed[("amazon-office", setting)]["hr@10"],
                              printed[("amazon-office", setting)]["ndcg@10"]]
-    assert (repo / "benchmarks" / "transfer_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (repo / "docs" / "transfer_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
