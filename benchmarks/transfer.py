@@ -45,12 +45,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pmmrec_hf.configuration_pmmrec import PMMRecConfig, PMMRecUserEncoderConfig
-from pmmrec_hf.data.collator import PMMRecCollator
-from pmmrec_hf.feature_cache import FeatureCache
-from pmmrec_hf.modeling_pmmrec import PMMRecItemEncoder, PMMRecModel, PMMRecUserEncoder
-from pmmrec_hf.training import TrainingConfig, encode_catalogue, evaluate_model, popularity_metrics, train
-from pmmrec_hf.transfer import apply_lora, load_for_transfer
+from pmmrec_hf.configuration_pmmrec import PMMRecConfig, PMMRecUserEncoderConfig  # noqa: E402
+from pmmrec_hf.data.collator import PMMRecCollator  # noqa: E402
+from pmmrec_hf.feature_cache import FeatureCache  # noqa: E402
+from pmmrec_hf.modeling_pmmrec import PMMRecItemEncoder, PMMRecModel, PMMRecUserEncoder  # noqa: E402
+from pmmrec_hf.training import TrainingConfig, encode_catalogue, evaluate_model, popularity_metrics, train  # noqa: E402
+from pmmrec_hf.transfer import apply_lora, load_for_transfer  # noqa: E402
 
 logger = logging.getLogger("transfer_benchmark")
 
