@@ -3,6 +3,10 @@
 
     python examples/evaluate.py --model outputs/pretrain/model --split test
     python examples/evaluate.py --model outputs/pretrain/model --dataset data/hm --split validation --output m.json
+    accelerate launch --num_processes 2 examples/evaluate.py --model ...   # catalogue and users split over processes
+
+Under N processes each process embeds its share of the catalogue and ranks its share of the users; the metrics
+equal the single-process metrics exactly.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch  # noqa: E402
 from pmmrec_hf.data.synthetic import synthetic_tokenizer  # noqa: E402
 from pmmrec_hf.metrics import DEFAULT_KS  # noqa: E402
 from pmmrec_hf.pipeline import SYNTHETIC, build_collator, load_data  # noqa: E402
-from pmmrec_hf.training import evaluate_model, popularity_metrics  # noqa: E402
+from pmmrec_hf.training import TrainingConfig, evaluate_model, make_accelerator, popularity_metrics  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -31,7 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dataset", default=SYNTHETIC)
     parser.add_argument("--split", default="test", choices=["validation", "test"])
     parser.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)))
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=256, help="users per batch")
+    parser.add_argument("--catalogue-batch-size", type=int, default=256, help="items per batch")
     parser.add_argument("--max-eval-users", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic dataset")
     parser.add_argument("--synthetic-users", type=int, default=2000)
@@ -49,6 +54,10 @@ def main(argv=None) -> dict:
     import pmmrec_hf  # noqa: F401  (registers the model types)
 
     args = parse_args(argv)
+    accelerator = None
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:  # started by a launcher: split the work over processes
+        accelerator = make_accelerator(TrainingConfig(report_to="none", mixed_precision="no"))
+        args.device = accelerator.device
     model = AutoModel.from_pretrained(args.model).to(args.device).eval()
     item_config = getattr(model.config, "item_encoder_config", None)
     tokenizer = None
@@ -61,9 +70,13 @@ def main(argv=None) -> dict:
     data = load_data(args)
     collator = build_collator(model, data.items, tokenizer, None, args.max_length)
     ks = tuple(int(k) for k in args.ks.split(","))
-    metrics = evaluate_model(model, collator, data.eval_rows, ks=ks, batch_size=args.batch_size)
+    metrics = evaluate_model(model, collator, data.eval_rows, ks=ks, batch_size=args.batch_size,
+                             catalogue_batch_size=args.catalogue_batch_size, accelerator=accelerator)
     result = {"model": args.model, "dataset": args.dataset, "split": args.split, "metrics": metrics,
-              "most_popular": popularity_metrics(data.train_counts, data.eval_rows, collator.items, ks=ks)}
+              "most_popular": popularity_metrics(data.train_counts, data.eval_rows, collator.items, ks=ks),
+              "num_processes": accelerator.num_processes if accelerator is not None else 1}
+    if accelerator is not None and not accelerator.is_main_process:
+        return result
     print(json.dumps(result, indent=1))
     if args.output:
         with open(args.output, "w") as f:

@@ -26,7 +26,7 @@ from pmmrec_hf.pipeline import (
     scoring_overrides,
     training_config_from_args,
 )
-from pmmrec_hf.training import TrainingConfig, popularity_metrics, save_pmmrec_outputs, train
+from pmmrec_hf.training import TrainingConfig, make_accelerator, popularity_metrics, save_pmmrec_outputs, train
 from pmmrec_hf.transfer import TRANSFER_SETTINGS, apply_lora, load_for_transfer
 
 DEFAULTS = TrainingConfig(output_dir="outputs/finetune", batch_size=32, learning_rate=1e-3, max_steps=100,
@@ -44,6 +44,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     group.add_argument("--text-model", default=None,
                        help="original text backbone (user_encoder / scratch settings re-start the towers from it)")
     group.add_argument("--vision-model", default=None, help="original vision backbone")
+    group.add_argument("--random-towers", action="store_true",
+                       help="user_encoder / scratch without --text-model / --vision-model: start the towers from "
+                            "random weights (refused otherwise)")
     group.add_argument("--tokenizer", default=None, help="tokenizer folder/id (default: the pre-trained model's)")
     group.add_argument("--lora", action="store_true", help="train LoRA adapters only (towers, fusion, user encoder)")
     group.add_argument("--lora-r", type=int, default=8)
@@ -59,15 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     args = parse_args(argv)
     config = training_config_from_args(args)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision,
-        log_with=None if config.report_to == "none" else config.report_to, project_dir=config.output_dir,
-    )
+    accelerator = make_accelerator(config)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     set_seed(args.seed)
     objective = dict(next_item_weight=args.next_item_weight, nicl_weight=args.nicl_weight,
@@ -77,7 +76,8 @@ def main(argv=None) -> dict:
                      **scoring_overrides(args, new_model=False))
     model = load_for_transfer(
         args.setting, args.pretrained, item_encoder=args.item_encoder, user_encoder=args.user_encoder,
-        text_model=args.text_model, vision_model=args.vision_model, seed=args.seed, **objective,
+        text_model=args.text_model, vision_model=args.vision_model, seed=args.seed,
+        random_towers=args.random_towers, **objective,
     )
     args.max_length = model.config.user_encoder_config.max_position_embeddings
     args.modality = model.config.item_encoder_config.modality

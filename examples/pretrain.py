@@ -26,7 +26,7 @@ from pmmrec_hf.pipeline import (
     load_tokenizer_and_processor,
     training_config_from_args,
 )
-from pmmrec_hf.training import TrainingConfig, popularity_metrics, save_pmmrec_outputs, train
+from pmmrec_hf.training import TrainingConfig, make_accelerator, popularity_metrics, save_pmmrec_outputs, train
 
 DEFAULTS = TrainingConfig(output_dir="outputs/pretrain", batch_size=32, learning_rate=1e-3, max_steps=200,
                           eval_steps=50, save_steps=0, logging_steps=5)
@@ -43,7 +43,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> dict:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     args = parse_args(argv)
@@ -51,10 +50,7 @@ def main(argv=None) -> dict:
     corrupt = args.model_type == "pmmrec" and (args.nid_weight > 0 or args.rcl_weight > 0)
     config.replace_prob = args.replace_prob if corrupt else 0.0
     config.shuffle_prob = args.shuffle_prob if corrupt else 0.0
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps, mixed_precision=config.mixed_precision,
-        log_with=None if config.report_to == "none" else config.report_to, project_dir=config.output_dir,
-    )
+    accelerator = make_accelerator(config)
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     set_seed(args.seed)

@@ -20,6 +20,8 @@ __all__ = [
     "nicl_loss",
     "nid_loss",
     "rcl_loss",
+    "rows_of_ids",
+    "similarity_logits",
 ]
 
 
@@ -115,23 +117,38 @@ def next_item_loss(
     more than once) count once: every copy after the first is masked and the positive is mapped to the
     first copy, so the loss does not depend on how the batch was split into distinct items.
     """
+    num_candidates = candidate_ids.shape[0]
+    columns = torch.arange(num_candidates, device=candidate_ids.device)  # (C,)
+    if candidate_valid is not None:
+        # padding rows of a gather must never be the "first copy" of a real id: give each its own id,
+        # below every real one (real ids are compared as they are; padding rows become unique negatives)
+        floor = candidate_ids.min() if num_candidates else candidate_ids.new_zeros(())
+        candidate_ids = torch.where(candidate_valid, candidate_ids, floor - 1 - columns)  # (C,)
     canonical = first_occurrence_index(candidate_ids)  # (C,)
-    is_first = canonical == torch.arange(candidate_ids.shape[0], device=candidate_ids.device)  # (C,)
+    is_first = canonical == columns  # (C,)
     if candidate_valid is not None:
         is_first = is_first & candidate_valid
     target_canonical = canonical[targets]  # (P,)
-    logits = query @ candidates.t()  # (P, C)
-    if temperature != 1.0:
-        logits = logits / temperature
+    logits = similarity_logits(query, candidates, temperature)  # (P, C) fp32
     if candidate_log_q is not None:
-        logits = logits - candidate_log_q.to(logits.dtype)[None, :]  # (P, C)
+        logits = logits - candidate_log_q.float()[None, :]  # (P, C)
     in_sequence = (candidate_ids[None, :, None] == user_item_ids[:, None, :]).any(-1)  # (B, C)
     false_negative = in_sequence[query_users]  # (P, C)
-    is_target = torch.arange(candidate_ids.shape[0], device=logits.device)[None, :] == target_canonical[:, None]
+    is_target = columns[None, :] == target_canonical[:, None]  # (P, C)
     masked = (false_negative & ~is_target) | ~is_first[None, :]  # (P, C)
     logits = logits.masked_fill(masked, torch.finfo(logits.dtype).min)  # (P, C)
-    losses = F.cross_entropy(logits.float(), target_canonical, reduction="none")  # (P,)
+    losses = F.cross_entropy(logits, target_canonical, reduction="none")  # (P,)
     return _reduce(losses, reduction)
+
+
+def similarity_logits(query: torch.Tensor, keys: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``query @ keys.T / temperature`` in float32, also under autocast (bf16/fp16 logits of a softmax over
+    thousands of candidates lose the differences that matter). query: (P, d), keys: (C, d) -> (P, C) fp32."""
+    with torch.autocast(device_type=query.device.type, enabled=False):
+        logits = query.float() @ keys.float().t()  # (P, C)
+    if temperature != 1.0:
+        logits = logits / temperature
+    return logits
 
 
 def nicl_loss(
@@ -214,13 +231,12 @@ def nicl_loss(
         positives = torch.stack(
             [own_other, text_features[next_item], vision_features[next_item]], dim=1
         )  # (A, 3, p)
-        pos_logits = (positives * anchor_feats[:, None, :]).sum(-1) / temperature  # (A, 3)
-        neg_logits = torch.cat([anchor_feats @ candidate_text.t(), anchor_feats @ candidate_vision.t()], 1)
-        neg_logits = (neg_logits / temperature).masked_fill(
-            ~negative.repeat(1, 2), float("-inf")
-        )  # (A, 2C)
-        neg_lse = torch.logsumexp(neg_logits.float(), dim=1)  # (A,)
-        per_positive = torch.logaddexp(pos_logits.float(), neg_lse[:, None]) - pos_logits.float()  # (A, 3)
+        pos_logits = (positives.float() * anchor_feats.float()[:, None, :]).sum(-1) / temperature  # (A, 3)
+        neg_logits = torch.cat([similarity_logits(anchor_feats, candidate_text, temperature),
+                                similarity_logits(anchor_feats, candidate_vision, temperature)], 1)  # (A, 2C)
+        neg_logits = neg_logits.masked_fill(~negative.repeat(1, 2), float("-inf"))  # (A, 2C)
+        neg_lse = torch.logsumexp(neg_logits, dim=1)  # (A,)
+        per_positive = torch.logaddexp(pos_logits, neg_lse[:, None]) - pos_logits  # (A, 3)
         per_positive = per_positive.masked_fill(~pos_valid, 0.0)  # (A, 3)
         return per_positive.sum(1) / pos_valid.sum(1)  # (A,)
 
@@ -264,21 +280,50 @@ def rcl_loss(
 
     clean, corrupted: (B, d) representations of the same users; all_clean / all_corrupted: (M, d)
     the pools of every process (defaults to the local ones), where this process's users sit at rows
-    offset..offset+B-1; valid: (M,) False for padding rows of a gather. Cosine similarity / temperature;
-    the other users are the negatives. Mean of both directions; mean (or sum) over users.
+    offset..offset+B-1; valid: (M,) False for rows that take no part (padding rows of a gather, users
+    without a real input position); with one process and no pools, (B,). Cosine similarity / temperature;
+    the other valid users are the negatives. Mean of both directions; mean (or sum) over this process's
+    valid users (a user whose row is not valid is neither an anchor nor a negative).
     """
     clean_n = F.normalize(clean, dim=-1)  # (B, d)
     corrupted_n = F.normalize(corrupted, dim=-1)  # (B, d)
     pool_clean = F.normalize(all_clean, dim=-1) if all_clean is not None else clean_n  # (M, d)
     pool_corrupted = F.normalize(all_corrupted, dim=-1) if all_corrupted is not None else corrupted_n  # (M, d)
     targets = torch.arange(clean.shape[0], device=clean.device) + offset  # (B,)
-    logits_a = clean_n @ pool_corrupted.t() / temperature  # (B, M)
-    logits_b = corrupted_n @ pool_clean.t() / temperature  # (B, M)
+    logits_a = similarity_logits(clean_n, pool_corrupted, temperature)  # (B, M)
+    logits_b = similarity_logits(corrupted_n, pool_clean, temperature)  # (B, M)
+    anchor = torch.ones(clean.shape[0], dtype=torch.bool, device=clean.device)  # (B,)
     if valid is not None:
         logits_a = logits_a.masked_fill(~valid[None, :], float("-inf"))
         logits_b = logits_b.masked_fill(~valid[None, :], float("-inf"))
+        anchor = valid[targets]
+        # an invalid anchor's own column is -inf: point it at any finite column, its loss is dropped below
+        targets = torch.where(anchor, targets, valid.float().argmax())
     per_user = (
-        F.cross_entropy(logits_a.float(), targets, reduction="none")
-        + F.cross_entropy(logits_b.float(), targets, reduction="none")
+        F.cross_entropy(logits_a, targets, reduction="none")
+        + F.cross_entropy(logits_b, targets, reduction="none")
     ) / 2  # (B,)
-    return _reduce(per_user, reduction)
+    return _reduce(per_user[anchor], reduction)
+
+
+def rows_of_ids(ids: torch.Tensor, pool_ids: torch.Tensor, pool_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """For every id of `ids` (any shape, -1 = padding), the first valid row of `pool_ids` (C,) holding it;
+    -1 stays -1. Raises a ValueError naming the ids that are not in the pool."""
+    columns = torch.arange(pool_ids.shape[0], device=pool_ids.device)
+    keys = pool_ids if pool_valid is None else torch.where(
+        pool_valid, pool_ids, (pool_ids.max() if pool_ids.numel() else pool_ids.new_zeros(())) + 1 + columns
+    )  # (C,) invalid rows get ids no query has
+    order = torch.sort(keys, stable=True).indices  # equal ids keep row order: the first row comes first
+    sorted_keys = keys[order]
+    flat = ids.reshape(-1)
+    real = flat >= 0
+    position = torch.searchsorted(sorted_keys, flat).clamp(max=max(keys.shape[0] - 1, 0))
+    found = (sorted_keys[position] == flat) if keys.numel() else torch.zeros_like(real)
+    missing = real & ~found
+    if bool(missing.any()):
+        raise ValueError(
+            f"ids {sorted(set(flat[missing].tolist()))[:10]} are not among the batch's items (`item_ids`): "
+            "corrupted sequences may only use items of the batch (of any process, when negatives are gathered)."
+        )
+    rows = torch.where(real, order[position], torch.full_like(flat, -1))
+    return rows.reshape(ids.shape)

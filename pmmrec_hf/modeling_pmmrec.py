@@ -24,6 +24,7 @@ from .losses import (
     nicl_loss,
     nid_loss,
     rcl_loss,
+    rows_of_ids,
 )
 
 try:  # transformers >= 4.52
@@ -168,20 +169,55 @@ class BackboneTower(nn.Module):
         else:
             self.first_trainable = max(self.num_blocks - trainable_layers, 0)
         self._stem_names: list[str] | None = None
+        self.unused_parameter_names: list[str] | None = None  # found by apply_freezing(example_inputs)
 
     @property
     def fully_trainable(self) -> bool:
         return self.trainable_layers < 0
 
-    def apply_freezing(self) -> None:
-        """Freeze everything but the top blocks (or nothing, for trainable_layers = -1)."""
+    def apply_freezing(self, example_inputs: dict | None = None) -> None:
+        """Freeze everything but the top blocks (or nothing, for trainable_layers = -1), and then every
+        parameter that the tower's output does not depend on (poolers, final norms and heads after the
+        last block), so that each trainable parameter receives a gradient in every step (what
+        DistributedDataParallel requires). The unused parameters are found once, by one forward and
+        backward pass on `example_inputs` (a tiny dummy input; skipped while the weights are not
+        materialised), and kept in `unused_parameter_names`."""
         if self.fully_trainable:
             self.backbone.requires_grad_(True)
-            return
-        self.backbone.requires_grad_(False)
-        _, _, blocks = find_blocks(self.backbone)
-        for block in list(blocks)[self.first_trainable :]:
-            block.requires_grad_(True)
+        else:
+            self.backbone.requires_grad_(False)
+            _, _, blocks = find_blocks(self.backbone)
+            for block in list(blocks)[self.first_trainable :]:
+                block.requires_grad_(True)
+        if self.unused_parameter_names is None and example_inputs is not None:
+            self.unused_parameter_names = self._find_unused_parameters(example_inputs)
+        for name, param in self.backbone.named_parameters():
+            if name in (self.unused_parameter_names or ()):
+                param.requires_grad_(False)
+
+    def _find_unused_parameters(self, example_inputs: dict) -> list[str] | None:
+        trainable = {name: p for name, p in self.backbone.named_parameters() if p.requires_grad}
+        if not trainable:
+            return []
+        if any(p.is_meta for p in self.backbone.parameters()):
+            return None  # not materialised yet (from_pretrained): found after loading
+        saved = {name: p.grad for name, p in trainable.items()}
+        for p in trainable.values():
+            p.grad = None
+        was_training = self.backbone.training
+        self.backbone.eval()  # no dropout, no batch-norm statistics update
+        try:
+            with torch.random.fork_rng(devices=[]), torch.enable_grad():
+                attention_mask = example_inputs.get("attention_mask")
+                output = self.forward(example_inputs, attention_mask)
+                if output.requires_grad:
+                    output.float().sum().backward()
+            unused = sorted(name for name, p in trainable.items() if p.grad is None)
+        finally:
+            self.backbone.train(was_training)
+            for name, p in trainable.items():
+                p.grad = saved[name]
+        return unused
 
     def _call(self, inputs: dict) -> object:
         return self.backbone(**inputs, return_dict=True)
@@ -378,9 +414,8 @@ class PMMRecPreTrainedModel(PreTrainedModel):
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         # loading re-creates parameters: restore the frozen / trainable split the config defines
-        for module in model.modules():
-            if isinstance(module, BackboneTower):
-                module.apply_freezing()
+        if hasattr(model, "apply_freezing"):
+            model.apply_freezing()
         return loaded
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -395,6 +430,49 @@ class PMMRecPreTrainedModel(PreTrainedModel):
         elif isinstance(module, nn.LayerNorm):
             _init.ones_(module.weight)
             _init.zeros_(module.bias)
+
+
+class _GatheredItems:
+    """The candidate pool of a step: this process's items, or every process's (gathered once, on first use).
+
+    embeddings (C, d), ids (C,), log_q (C,) or None, valid (C,) or None (False at padding rows of a gather),
+    offset: the row of this process's first item."""
+
+    def __init__(self, embeddings, ids, log_q, gather: bool):
+        self._local = (embeddings, ids, log_q)
+        self._gather = gather
+        self._done = False
+
+    def _ensure(self) -> None:
+        if self._done:
+            return
+        embeddings, ids, log_q = self._local
+        self.embeddings, self.ids, self.log_q, self.valid, self.offset = embeddings, ids, log_q, None, 0
+        if self._gather:
+            self.embeddings, self.valid, self.offset = gather_across_processes(embeddings)
+            self.ids = gather_across_processes(ids)[0]
+            if log_q is not None:
+                self.log_q = gather_across_processes(log_q)[0]
+        self._done = True
+
+    def __getattr__(self, name):  # embeddings, ids, log_q, valid, offset
+        if name.startswith("_"):
+            raise AttributeError(name)
+        self._ensure()
+        try:
+            return self.__dict__[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _check_inference_index(item_index: torch.Tensor, max_length: int) -> None:
+    if item_index.shape[-1] > max_length:
+        raise ValueError(
+            f"With `return_loss=False`, `item_index` holds the sequences to encode, at most the user encoder's "
+            f"`max_position_embeddings` ({max_length}) columns; got {item_index.shape[-1]}. A training batch has one "
+            "more column (inputs [:, :-1] and next-item targets [:, 1:]): pass `item_index[:, :-1]`, or "
+            "`return_loss=True` (its `user_states` are the states over the input columns)."
+        )
 
 
 def _mean(total: torch.Tensor, count: int, across_processes: bool) -> torch.Tensor:
@@ -481,12 +559,31 @@ class PMMRecItemEncoder(PMMRecPreTrainedModel):
             if text_model is None:
                 raise ValueError("A text backbone is required for modality " + repr(config.modality))
             self.text_tower = BackboneTower(text_model, config.text_trainable_layers, "inputs_embeds")
-            self.text_tower.apply_freezing()
         if config.uses_vision:
             if vision_model is None:
                 raise ValueError("A vision backbone is required for modality " + repr(config.modality))
             self.vision_tower = BackboneTower(vision_model, config.vision_trainable_layers, "pixel_values")
-            self.vision_tower.apply_freezing()
+        self.apply_freezing()
+
+    def apply_freezing(self) -> None:
+        """Set which tower parameters train: each tower's top `*_trainable_layers` blocks (all of it for -1),
+        minus the backbone parts the item encoder never uses (see `BackboneTower.apply_freezing`). The
+        projections and the fusion always train. Called on construction and after `from_pretrained`."""
+        for tower in (self.text_tower, self.vision_tower):
+            if tower is not None:
+                tower.apply_freezing(self._example_inputs(tower))
+
+    def _example_inputs(self, tower: BackboneTower) -> dict:
+        """A one-item dummy input of the tower (2 tokens, or one blank image of the configured size)."""
+        device = next(tower.backbone.parameters()).device
+        if tower is self.text_tower:
+            ids = torch.ones(1, 2, dtype=torch.long, device=device)
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        size = getattr(getattr(tower.backbone, "config", None), "image_size", None) or self.config.image_size
+        if isinstance(size, (tuple, list)):
+            size = size[0]
+        dtype = next(tower.backbone.parameters()).dtype
+        return {"pixel_values": torch.zeros(1, 3, size, size, device=device, dtype=dtype)}
 
     @property
     def text_model(self) -> nn.Module | None:
@@ -569,13 +666,7 @@ class PMMRecItemEncoder(PMMRecPreTrainedModel):
         loaded model): run its frozen part once on a dummy input so that it knows its stem modules."""
         if tower._stem_names is not None:
             return
-        if tower is self.text_tower:
-            ids = torch.ones(1, 2, dtype=torch.long, device=features.device)
-            tower.frozen_features({"input_ids": ids, "attention_mask": torch.ones_like(ids)})
-        else:
-            size = self.config.image_size
-            tower.frozen_features({"pixel_values": torch.zeros(1, 3, size, size, device=features.device,
-                                                                dtype=features.dtype)})
+        tower.frozen_features(self._example_inputs(tower))
 
     def forward(
         self,
@@ -680,8 +771,11 @@ class PMMRecModel(PMMRecPreTrainedModel):
 
     `forward` takes a batch of B sequences over N distinct items (see docs/formats.md): the items' inputs,
     `item_ids` (N,), `item_index` (B, S) left-padded with -1; columns [:, :-1] are inputs and [:, 1:] the
-    next-item targets. Optional `item_log_popularity` (N,) for the log-q correction and `corrupted_index` +
-    `noise_labels` (B, S-1) for NID/RCL.
+    next-item targets. Optional `item_log_popularity` (N,) for the log-q correction and, for NID/RCL, the
+    corrupted input sequences with `noise_labels` (B, S-1): either `corrupted_index` (indices into this
+    process's N items) or `corrupted_item_ids` (item ids, -1 at padding; with negatives gathered across
+    processes they may name items of any process's batch, which is how the training loop corrupts a
+    sequence with items of the whole global batch).
     """
 
     config_class = PMMRecConfig
@@ -711,6 +805,21 @@ class PMMRecModel(PMMRecPreTrainedModel):
             self.item_encoder = item_encoder
         if user_encoder is not None:
             self.user_encoder = user_encoder
+        self.apply_freezing()
+
+    def apply_freezing(self) -> None:
+        """Make exactly the parameters that the configured objectives use trainable: the NICL heads only when
+        `nicl_weight > 0` (and the item encoder is multi-modal), the NID head only when `nid_weight > 0`, and
+        the item encoder's towers as `PMMRecItemEncoder.apply_freezing` sets them. Every trainable parameter
+        then receives a gradient in every step, which DistributedDataParallel requires. Called on
+        construction and after `from_pretrained`; call it again after changing an objective weight."""
+        config = self.config
+        if self.nicl_text_head is not None:
+            use_nicl = config.nicl_weight > 0
+            self.nicl_text_head.requires_grad_(use_nicl)
+            self.nicl_vision_head.requires_grad_(use_nicl)
+        self.nid_head.requires_grad_(config.nid_weight > 0)
+        self.item_encoder.apply_freezing()
 
     @classmethod
     def from_encoders(
@@ -753,11 +862,16 @@ class PMMRecModel(PMMRecPreTrainedModel):
         item_log_popularity: torch.Tensor | None = None,
         corrupted_index: torch.Tensor | None = None,
         noise_labels: torch.Tensor | None = None,
+        corrupted_item_ids: torch.Tensor | None = None,
         return_loss: bool = True,
         return_dict: bool | None = None,
         **kwargs,
     ) -> PMMRecModelOutput:
         config = self.config
+        if corrupted_index is not None and corrupted_item_ids is not None:
+            raise ValueError("Give the corrupted sequences as `corrupted_index` or as `corrupted_item_ids`, not both.")
+        if not return_loss:
+            _check_inference_index(item_index, config.user_encoder_config.max_position_embeddings)
         items = self.item_encoder(
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
             text_features=text_features, vision_features=vision_features,
@@ -773,6 +887,7 @@ class PMMRecModel(PMMRecPreTrainedModel):
         users = self.encode_users(item_emb, inputs)
         states = users.last_hidden_state  # (B, L, d)
         gather = config.gather_negatives
+        pool = _GatheredItems(item_emb, item_ids, item_log_popularity, gather)
         losses: dict[str, torch.Tensor] = {}
         weights = {
             "next_item_loss": config.next_item_weight,
@@ -784,22 +899,15 @@ class PMMRecModel(PMMRecPreTrainedModel):
         if config.next_item_weight > 0:
             positions = (inputs >= 0) & (targets >= 0)  # (B, L)
             query_users, query_slots = positions.nonzero(as_tuple=True)  # (P,), (P,)
-            log_q = item_log_popularity if config.logq_correction else None
-            candidates, candidate_ids, candidate_log_q, valid, offset = item_emb, item_ids, log_q, None, 0
-            if gather:
-                candidates, valid, offset = gather_across_processes(item_emb)
-                candidate_ids = gather_across_processes(item_ids)[0]
-                if log_q is not None:
-                    candidate_log_q = gather_across_processes(log_q)[0]
             total = next_item_loss(
                 query=_normalise_if_cosine(states[query_users, query_slots], config),
-                candidates=candidates,
-                targets=targets[query_users, query_slots] + offset,
+                candidates=pool.embeddings,
+                targets=targets[query_users, query_slots] + pool.offset,
                 query_users=query_users,
                 user_item_ids=_user_item_ids(item_index, item_ids),
-                candidate_ids=candidate_ids,
-                candidate_log_q=candidate_log_q,
-                candidate_valid=valid,
+                candidate_ids=pool.ids,
+                candidate_log_q=pool.log_q if config.logq_correction else None,
+                candidate_valid=pool.valid,
                 reduction="sum",
                 temperature=config.next_item_temperature,
             )
@@ -825,8 +933,13 @@ class PMMRecModel(PMMRecPreTrainedModel):
             total = nicl_loss(text, vision, item_index, item_ids, config.nicl_temperature, reduction="sum", **extra)
             losses["nicl_loss"] = _mean(total, int((item_index >= 0).sum()), gather)
 
-        if corrupted_index is not None and (config.nid_weight > 0 or config.rcl_weight > 0):
-            noisy = self.encode_users(item_emb, corrupted_index).last_hidden_state  # (B, L, d)
+        corrupted = corrupted_index if corrupted_index is not None else corrupted_item_ids
+        if corrupted is not None and (config.nid_weight > 0 or config.rcl_weight > 0):
+            if corrupted_index is not None:
+                noisy = self.encode_users(item_emb, corrupted_index).last_hidden_state  # (B, L, d)
+            else:  # ids -> rows of the (gathered) pool of items
+                rows = rows_of_ids(corrupted_item_ids, pool.ids, pool.valid)  # (B, L)
+                noisy = self.encode_users(pool.embeddings, rows).last_hidden_state  # (B, L, d)
             nid_logits = self.nid_head(noisy).squeeze(-1)  # (B, L)
             if config.nid_weight > 0:
                 if noise_labels is None:
@@ -835,16 +948,19 @@ class PMMRecModel(PMMRecPreTrainedModel):
                 losses["nid_loss"] = _mean(total, int((noise_labels != -100).sum()), gather)
             if config.rcl_weight > 0:
                 clean_rep, noisy_rep = states[:, -1], noisy[:, -1]  # (B, d)
-                extra = {}
+                # a user with no real input position has no representation of its own: not in RCL
+                has_input = (inputs >= 0).any(1)  # (B,)
+                extra = {"valid": has_input}
                 if gather:
                     all_clean, valid, offset = gather_across_processes(clean_rep)
                     if all_clean.shape[0] != clean_rep.shape[0]:
+                        all_has_input = gather_across_processes(has_input.long())[0].bool()
                         extra = dict(
                             all_clean=all_clean, all_corrupted=gather_across_processes(noisy_rep)[0],
-                            offset=offset, valid=valid,
+                            offset=offset, valid=valid & all_has_input,
                         )
                 total = rcl_loss(clean_rep, noisy_rep, config.rcl_temperature, reduction="sum", **extra)
-                losses["rcl_loss"] = _mean(total, clean_rep.shape[0], gather)
+                losses["rcl_loss"] = _mean(total, int(has_input.sum()), gather)
         else:
             nid_logits = None
 

@@ -46,6 +46,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-length", type=int, default=20, help="L, the user sequence length")
     group.add_argument("--max-text-length", type=int, default=None)
     group.add_argument("--image-size", type=int, default=None)
+    group.add_argument("--dropout", type=float, default=None,
+                       help="every dropout of the fusion and the user encoder (and of the built-in backbones); default: each config's own (0.1)")
     group.add_argument("--research-image-transform", action="store_true",
                        help="squash to image_size and normalise with 0.5 (the research code) instead of the "
                             "vision model's own image processor")
@@ -72,8 +74,12 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: TrainingConfig)
     group = parser.add_argument_group("training")
     group.add_argument("--output-dir", default=defaults.output_dir)
     group.add_argument("--batch-size", type=int, default=defaults.batch_size, help="users per process per step")
-    group.add_argument("--eval-batch-size", type=int, default=defaults.eval_batch_size)
-    group.add_argument("--gradient-accumulation-steps", type=int, default=defaults.gradient_accumulation_steps)
+    group.add_argument("--eval-batch-size", type=int, default=defaults.eval_batch_size,
+                       help="users per evaluation batch (under N processes, batch k is ranked by process k %% N)")
+    group.add_argument("--catalogue-batch-size", type=int, default=defaults.catalogue_batch_size,
+                       help="items per batch when the catalogue is embedded for evaluation")
+    group.add_argument("--gradient-accumulation-steps", type=int, default=defaults.gradient_accumulation_steps,
+                       help="default: the launcher's / `accelerate config`'s, else 1")
     group.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     group.add_argument("--tower-learning-rate", type=float, default=defaults.tower_learning_rate,
                        help="learning rate of the backbone towers (default: --learning-rate)")
@@ -88,11 +94,25 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: TrainingConfig)
     group.add_argument("--save-steps", type=int, default=defaults.save_steps, help="checkpoint every N steps (0: off)")
     group.add_argument("--logging-steps", type=int, default=defaults.logging_steps)
     group.add_argument("--seed", type=int, default=defaults.seed)
-    group.add_argument("--mixed-precision", default=defaults.mixed_precision, choices=["no", "fp16", "bf16"])
+    group.add_argument("--mixed-precision", default=defaults.mixed_precision, choices=["no", "fp16", "bf16"],
+                       help="default: the launcher's (`accelerate launch --mixed_precision`) or `accelerate config`'s, "
+                            "else no")
     group.add_argument("--report-to", default=defaults.report_to, help="tensorboard, wandb, all, or none")
     group.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint folder, or 'latest'")
     group.add_argument("--max-grad-norm", type=float, default=None)
     group.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
+    group.add_argument("--save-total-limit", type=int, default=defaults.save_total_limit,
+                       help="keep at most N checkpoints (the oldest are deleted; the best one is always kept)")
+    group.add_argument("--metric-for-best-model", default=defaults.metric_for_best_model,
+                       help="an evaluation metric (e.g. ndcg@10): every evaluation that improves it is checkpointed")
+    group.add_argument("--greater-is-better", action=argparse.BooleanOptionalAction, default=defaults.greater_is_better,
+                       help="whether a larger --metric-for-best-model is better (default: yes)")
+    group.add_argument("--early-stopping-patience", type=int, default=defaults.early_stopping_patience,
+                       help="stop after N evaluations without improvement of --metric-for-best-model")
+    group.add_argument("--early-stopping-threshold", type=float, default=defaults.early_stopping_threshold,
+                       help="an improvement must exceed this")
+    group.add_argument("--load-best-model-at-end", action="store_true", default=defaults.load_best_model_at_end,
+                       help="the final model/ is the best checkpoint on --metric-for-best-model")
 
 
 def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
@@ -146,14 +166,18 @@ def load_data(args: argparse.Namespace, process_index: int = 0, num_processes: i
 # --------------------------------------------------------------------------------------------------
 
 
-def tiny_backbone_configs(vocab_size: int, image_size: int = 32, hidden: int = 64):
-    """Small randomly initialised backbones for the built-in synthetic dataset (no download)."""
+def tiny_backbone_configs(vocab_size: int, image_size: int = 32, hidden: int = 64, dropout: float | None = None):
+    """Small randomly initialised backbones for the built-in synthetic dataset (no download). `dropout` sets
+    every dropout of both (default: BERT's 0.1, CLIP vision's 0.0)."""
     from transformers import BertConfig, CLIPVisionConfig
 
+    text_drop = {} if dropout is None else dict(attention_probs_dropout_prob=dropout)
+    vision_drop = {} if dropout is None else dict(attention_dropout=dropout, dropout=dropout)
     text = BertConfig(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2,
-                      intermediate_size=2 * hidden, max_position_embeddings=64, hidden_dropout_prob=0.1)
+                      intermediate_size=2 * hidden, max_position_embeddings=64,
+                      hidden_dropout_prob=0.1 if dropout is None else dropout, **text_drop)
     vision = CLIPVisionConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                              num_attention_heads=2, image_size=image_size, patch_size=8)
+                              num_attention_heads=2, image_size=image_size, patch_size=8, **vision_drop)
     return text, vision
 
 
@@ -203,6 +227,9 @@ def build_model(args: argparse.Namespace, tokenizer, num_items: int | None = Non
     d = args.hidden_size or (64 if builtin else 768)
     user_kwargs = dict(hidden_size=d, num_attention_heads=2, intermediate_size=4 * d if not builtin else 2 * d,
                        max_position_embeddings=args.max_length)
+    dropout = getattr(args, "dropout", None)
+    if dropout is not None:
+        user_kwargs.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     if args.model_type == "sasrec":
         from .sasrec import SASRecConfig, SASRecModel
 
@@ -213,10 +240,13 @@ def build_model(args: argparse.Namespace, tokenizer, num_items: int | None = Non
     for name in ("text_trainable_layers", "vision_trainable_layers", "max_text_length", "image_size"):
         if getattr(args, name) is not None:
             item_kwargs[name] = getattr(args, name)
+    if dropout is not None:
+        item_kwargs["fusion_dropout"] = dropout
     if args.modality != "multimodal":
         objective["nicl_weight"] = 0.0
     if builtin:
-        text, vision = tiny_backbone_configs(len(tokenizer), image_size=args.image_size or 32, hidden=d)
+        text, vision = tiny_backbone_configs(len(tokenizer), image_size=args.image_size or 32, hidden=d,
+                                             dropout=dropout)
         item_kwargs.setdefault("text_trainable_layers", -1)
         item_kwargs.setdefault("vision_trainable_layers", -1)
         item_kwargs.setdefault("image_size", 32)

@@ -367,7 +367,8 @@ class Recommender:
             return torch.zeros(0, self.hidden_size)
         return torch.cat(pieces).clone()  # a normal (non-inference) tensor: rows can be replaced later
 
-    def _raw_batches(self, texts: Sequence[Any] | None, images: Sequence[Any] | None, count: int, batch_size: int):
+    def _raw_batches(self, texts: Sequence[Any] | None, images: Sequence[Any] | None, count: int, batch_size: int,
+                     keep=None):
         if self.processor is None:
             raise ValueError(
                 "Embedding raw texts/images needs a processor: pass `processor=` or `tokenizer=` to Recommender "
@@ -378,17 +379,20 @@ class Recommender:
         for name, values in (("texts", texts), ("images", images)):
             if values is not None and len(values) != count:
                 raise ValueError(f"{len(values)} {name} for {count} item ids.")
-        for start in range(0, count, batch_size):
+        for number, start in enumerate(range(0, count, batch_size)):
             stop = start + batch_size
+            if keep is not None and not keep(number):
+                continue
             yield self.processor(
                 list(texts[start:stop]) if texts is not None else None,
                 list(images[start:stop]) if images is not None else None,
             )
 
     @staticmethod
-    def _sliced(inputs: Mapping[str, Any], count: int, batch_size: int):
-        for start in range(0, count, batch_size):
-            yield {key: value[start : start + batch_size] for key, value in inputs.items()}
+    def _sliced(inputs: Mapping[str, Any], count: int, batch_size: int, keep=None):
+        for number, start in enumerate(range(0, count, batch_size)):
+            if keep is None or keep(number):
+                yield {key: value[start : start + batch_size] for key, value in inputs.items()}
 
     def embed_items(
         self,
@@ -397,11 +401,19 @@ class Recommender:
         texts: Sequence[Any] | None = None,
         images: Sequence[Any] | None = None,
         batch_size: int | None = None,
+        accelerator: Any = None,
     ) -> torch.Tensor:
         """(count, d) float32 CPU embeddings of items given raw (``texts`` / ``images``, or ``item_inputs`` as a
         ``(texts, images)`` tuple) or pre-encoded (``item_inputs``: one mapping of full tensors, sliced in
-        batches, or an iterable of batch mappings, in order). Does not touch the catalogue."""
+        batches, or an iterable of batch mappings, in order). Does not touch the catalogue.
+
+        With an `accelerator` of N processes (``accelerate launch``; every process must call this with the same
+        items), batch k is embedded by process k % N only and the results are gathered: every process returns
+        all `count` rows, equal to what one process computes."""
         batch_size = _check_positive_int("batch_size", batch_size or self.batch_size)
+        world = accelerator.num_processes if accelerator is not None else 1
+        if world > 1:
+            return self._embed_items_distributed(count, item_inputs, texts, images, batch_size, accelerator)
         if isinstance(item_inputs, tuple) and len(item_inputs) == 2 and not any(
             isinstance(part, Mapping) for part in item_inputs
         ):
@@ -422,6 +434,34 @@ class Recommender:
             raise ValueError(f"The item inputs gave {embeddings.shape[0]} embeddings for {count} item ids.")
         return embeddings
 
+    def _embed_items_distributed(self, count, item_inputs, texts, images, batch_size, accelerator) -> torch.Tensor:
+        from .distributed import gather_batches
+
+        rank, world = accelerator.process_index, accelerator.num_processes
+
+        def mine(number: int) -> bool:
+            return number % world == rank
+
+        if isinstance(item_inputs, tuple) and len(item_inputs) == 2 and not any(
+            isinstance(part, Mapping) for part in item_inputs
+        ):
+            texts, images = item_inputs
+            item_inputs = None
+        if item_inputs is None or isinstance(item_inputs, Mapping):
+            batches = (self._raw_batches(texts, images, count, batch_size, keep=mine) if item_inputs is None
+                       else self._sliced(item_inputs, count, batch_size, keep=mine))
+            local = self._embed_batches(batches)
+            embeddings = gather_batches(local.to(accelerator.device), count, batch_size, accelerator).cpu()
+        else:  # batches of unknown sizes: each process embeds its own, the (number, rows) pairs are gathered
+            from accelerate.utils import gather_object
+
+            own = [(number, self._embed_batches([batch])) for number, batch in enumerate(item_inputs) if mine(number)]
+            pieces = sorted(gather_object(own), key=lambda pair: pair[0])
+            embeddings = torch.cat([rows for _, rows in pieces]) if pieces else torch.zeros(0, self.hidden_size)
+        if embeddings.shape[0] != count:
+            raise ValueError(f"The item inputs gave {embeddings.shape[0]} embeddings for {count} item ids.")
+        return embeddings.clone()
+
     def encode_catalogue(
         self,
         item_ids: Sequence[str],
@@ -430,11 +470,14 @@ class Recommender:
         texts: Sequence[Any] | None = None,
         images: Sequence[Any] | None = None,
         batch_size: int | None = None,
+        accelerator: Any = None,
     ) -> torch.Tensor:
         """Embed every item once (batches of ``batch_size`` under ``torch.inference_mode()``) and make it the
-        catalogue, replacing any previous one. Items: see :meth:`embed_items`. Returns the (I, d) matrix."""
+        catalogue, replacing any previous one. Items: see :meth:`embed_items`; with an `accelerator` of N
+        processes each embeds its share and every process ends with the whole catalogue. Returns the (I, d)
+        matrix."""
         item_ids = _check_item_ids(item_ids)
-        embeddings = self.embed_items(len(item_ids), item_inputs, texts, images, batch_size)
+        embeddings = self.embed_items(len(item_ids), item_inputs, texts, images, batch_size, accelerator=accelerator)
         self._set_catalogue(item_ids, embeddings)
         return embeddings
 

@@ -35,13 +35,15 @@ import torch
 from torch import nn
 
 from .configuration_pmmrec import PMMRecUserEncoderConfig, _check_positive, _check_scoring
-from .losses import _user_item_ids, distributed_mean, gather_across_processes, next_item_loss
+from .losses import _user_item_ids, distributed_mean, next_item_loss
 from .modeling_pmmrec import (
     PMMRecModelOutput,
     PMMRecPreTrainedModel,
     PMMRecUserEncoder,
     PMMRecUserEncoderOutput,
+    _check_inference_index,
     _encode_users,
+    _GatheredItems,
     _normalise_if_cosine,
 )
 
@@ -176,6 +178,8 @@ class SASRecModel(PMMRecPreTrainedModel):
     ) -> PMMRecModelOutput:
         """Next-item loss (see the module docstring for `negatives`); other batch keys are ignored."""
         config = self.config
+        if not return_loss:
+            _check_inference_index(item_index, config.max_position_embeddings)
         item_emb = self.encode_items(item_ids)  # (N, d)
         if not return_loss:
             users = self.encode_users(item_emb, item_index)
@@ -206,23 +210,16 @@ class SASRecModel(PMMRecPreTrainedModel):
                 temperature=config.next_item_temperature,
             )
         else:
-            gather = config.gather_negatives
-            log_q = item_log_popularity if config.logq_correction else None
-            candidates, candidate_ids, candidate_log_q, valid, offset = item_emb, item_ids, log_q, None, 0
-            if gather:
-                candidates, valid, offset = gather_across_processes(item_emb)
-                candidate_ids = gather_across_processes(item_ids)[0]
-                if log_q is not None:
-                    candidate_log_q = gather_across_processes(log_q)[0]
+            pool = _GatheredItems(item_emb, item_ids, item_log_popularity, config.gather_negatives)
             total = next_item_loss(
                 query=query,
-                candidates=candidates,
-                targets=target_rows + offset,
+                candidates=pool.embeddings,
+                targets=target_rows + pool.offset,
                 query_users=query_users,
                 user_item_ids=user_ids,
-                candidate_ids=candidate_ids,
-                candidate_log_q=candidate_log_q,
-                candidate_valid=valid,
+                candidate_ids=pool.ids,
+                candidate_log_q=pool.log_q if config.logq_correction else None,
+                candidate_valid=pool.valid,
                 reduction="sum",
                 temperature=config.next_item_temperature,
             )

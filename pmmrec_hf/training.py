@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .data.corruption import corrupt_sequences
+from .distributed import map_batches
 from .metrics import DEFAULT_KS, evaluate_full_ranking, ranking_metrics_from_ranks, target_ranks
 
 logger = logging.getLogger(__name__)
@@ -38,9 +39,9 @@ class TrainingConfig:
     """Settings of a training run (every example script argument that is not about the model or data)."""
 
     output_dir: str = "outputs/pretrain"
-    batch_size: int = 64
+    batch_size: int = 64  # users per process per micro-step
     eval_batch_size: int = 256
-    gradient_accumulation_steps: int = 1
+    gradient_accumulation_steps: int | None = None  # None: Accelerate's (launcher / `accelerate config`), else 1
     learning_rate: float = 1e-4
     tower_learning_rate: float | None = None  # defaults to learning_rate
     weight_decay: float = 0.1
@@ -53,7 +54,7 @@ class TrainingConfig:
     save_steps: int = 0  # 0: no intermediate checkpoints
     logging_steps: int = 10
     seed: int = 0
-    mixed_precision: str = "no"
+    mixed_precision: str | None = None  # None: Accelerate's (launcher / `accelerate config`), else "no"
     report_to: str = "tensorboard"  # "none" to disable
     num_workers: int = 0
     ks: tuple[int, ...] = DEFAULT_KS
@@ -64,6 +65,71 @@ class TrainingConfig:
     shuffle_prob: float = 0.0
     streaming_buffer_size: int = 1000
     stop_after_steps: int | None = None  # stop (as if killed) after this many steps: for resume tests
+    save_total_limit: int | None = None  # keep at most this many checkpoints (the best one is always kept)
+    metric_for_best_model: str | None = None  # e.g. "ndcg@10": track the best evaluation, checkpoint it
+    greater_is_better: bool = True
+    early_stopping_patience: int | None = None  # stop after this many evaluations without improvement
+    early_stopping_threshold: float = 0.0  # an improvement must exceed this
+    load_best_model_at_end: bool = False  # the final model is the best one (needs metric_for_best_model)
+
+    def validate(self, has_eval_rows: bool = True) -> None:
+        """Refuse combinations that cannot work, naming the option."""
+        if self.save_total_limit is not None and (not isinstance(self.save_total_limit, int) or self.save_total_limit < 1):
+            raise ValueError(f"`save_total_limit` must be a positive integer or None, got {self.save_total_limit!r}.")
+        if self.early_stopping_patience is not None and (
+            not isinstance(self.early_stopping_patience, int) or self.early_stopping_patience < 1
+        ):
+            raise ValueError(
+                f"`early_stopping_patience` must be a positive integer or None, got {self.early_stopping_patience!r}."
+            )
+        for name in ("early_stopping_patience", "load_best_model_at_end"):
+            if getattr(self, name) and not self.metric_for_best_model:
+                raise ValueError(f"`{name}` needs `metric_for_best_model` (e.g. 'ndcg@10').")
+        if self.metric_for_best_model and not has_eval_rows:
+            raise ValueError("`metric_for_best_model` needs evaluation rows (`eval_rows`) to evaluate on.")
+        if self.metric_for_best_model and self.early_stopping_patience and not self.eval_steps:
+            raise ValueError("`early_stopping_patience` needs periodic evaluation: set `eval_steps` > 0.")
+        if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
+            raise ValueError(f"`gradient_accumulation_steps` must be >= 1, got {self.gradient_accumulation_steps!r}.")
+
+
+def make_accelerator(config: TrainingConfig, **kwargs):
+    """The Accelerator of a training run: the launcher's (or `accelerate config`'s) settings unless `config`
+    sets them (`mixed_precision`, `gradient_accumulation_steps`; None leaves them to Accelerate).
+
+    Processes started by a launcher on a machine without an accelerator device (``accelerate launch
+    --multi_gpu --num_processes N`` or ``torchrun --nproc_per_node N`` on CPUs) join one gloo process group
+    instead of running as N independent single-process jobs. Raises when the launcher started N processes
+    but they did not join one group."""
+    import os
+
+    from accelerate import Accelerator
+
+    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if world > 1 and "cpu" not in kwargs and not _has_accelerator_device():
+        kwargs["cpu"] = True
+    log_with = None if config.report_to in ("none", "", None) else config.report_to
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps or 1,
+        mixed_precision=config.mixed_precision,
+        log_with=log_with,
+        project_dir=config.output_dir,
+        **kwargs,
+    )
+    if accelerator.num_processes != world:
+        raise RuntimeError(
+            f"The launcher started {world} processes (WORLD_SIZE), but Accelerate runs {accelerator.num_processes}: "
+            "they would train independently. On CPUs launch with `accelerate launch --multi_gpu --num_processes N` "
+            "or `ACCELERATE_USE_CPU=true torchrun --nproc_per_node N` (`accelerate launch --cpu` starts one process)."
+        )
+    return accelerator
+
+
+def _has_accelerator_device() -> bool:
+    if torch.cuda.is_available():
+        return True
+    xpu = getattr(torch, "xpu", None)
+    return bool(xpu is not None and xpu.is_available())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -98,30 +164,40 @@ def parameter_groups(model: nn.Module, config: TrainingConfig) -> list[dict]:
 
 @torch.no_grad()
 def encode_catalogue(model: nn.Module, collator, batch_size: int = 256, device: torch.device | None = None,
-                     feature_cache=None) -> torch.Tensor:
+                     feature_cache=None, accelerator=None) -> torch.Tensor:
     """(I, d) embeddings of every item of the collator's item table, in integer-id order, in batches.
 
     With a `feature_cache` (``pmmrec_hf.feature_cache.FeatureCache`` holding every item of the table), the
     items' frozen tower features are looked up instead of running the towers' frozen part on raw inputs
-    (the collator's item contents are not used then: a ``modality="ids"`` collator will do)."""
+    (the collator's item contents are not used then: a ``modality="ids"`` collator will do).
+    With an `accelerator` of N processes, each process embeds its share of the batches (batch k on process
+    k % N) and the shares are gathered: every process returns the whole matrix, equal to the one process
+    result (``pmmrec_hf.distributed``)."""
     if hasattr(model, "all_item_embeddings"):  # ID baseline
         return model.all_item_embeddings()
     table = collator.items
     encoder = collator.encoder
-    device = device or next(model.parameters()).device
-    chunks = []
-    for start in range(0, len(table), batch_size):
-        indices = list(range(start, min(start + batch_size, len(table))))
+    device = device or (accelerator.device if accelerator is not None else next(model.parameters()).device)
+
+    def embed(rows: range) -> torch.Tensor:
+        indices = list(rows)
         if feature_cache is not None:
             inputs = feature_cache.lookup(torch.tensor(indices), device=device)
-            chunks.append(model.encode_items(**inputs).float())
-            continue
+            return model.encode_items(**inputs).float()
         texts = table.get_texts(indices) if encoder.uses_text else None
         images = table.get_images(indices) if encoder.uses_images else None
         inputs = encoder(texts, images, item_ids=[table.item_ids[i] for i in indices])
         inputs = {k: v.to(device) for k, v in inputs.items()}
-        chunks.append(model.encode_items(**inputs).float())
-    return torch.cat(chunks)
+        return model.encode_items(**inputs).float()
+
+    width = _embedding_width(model)
+    return map_batches(embed, len(table), batch_size, accelerator, empty=(width,) if width else None, device=device)
+
+
+def _embedding_width(model) -> int | None:
+    config = getattr(model, "config", None)
+    item_config = getattr(config, "item_encoder_config", None)
+    return getattr(item_config, "hidden_size", None) or getattr(config, "hidden_size", None)
 
 
 def sequences_to_tensors(rows: Sequence[Any], item_table, max_length: int) -> dict[str, torch.Tensor]:
@@ -158,35 +234,30 @@ def evaluate_model(
 
     The catalogue is embedded once (in batches), each user is scored against every item with the history
     masked (``pmmrec_hf.metrics``). With a `feature_cache`, the catalogue is embedded from cached frozen tower
-    features (see `encode_catalogue`). With an `accelerator`, each process ranks its share of the rows and the
-    ranks are gathered (``gather_for_metrics``), so every process returns the metrics of all rows.
+    features (see `encode_catalogue`). With an `accelerator` of N processes, each process embeds its share of
+    the catalogue and ranks its share of the users (batch k of `batch_size` users on process k % N) against
+    the gathered catalogue; the ranks are gathered back in row order, so every process returns exactly the
+    single-process metrics.
     """
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
     if item_embeddings is None:
-        item_embeddings = encode_catalogue(model, collator, catalogue_batch_size, device, feature_cache=feature_cache)
+        item_embeddings = encode_catalogue(model, collator, catalogue_batch_size, device, feature_cache=feature_cache,
+                                           accelerator=accelerator)
+    item_embeddings = item_embeddings.to(device)
     max_length = collator.max_length
     rows = list(rows)
-    if accelerator is not None and accelerator.num_processes > 1:
-        rows = rows[accelerator.process_index :: accelerator.num_processes]
-    ranks = []
-    for start in range(0, len(rows), batch_size):
-        tensors = sequences_to_tensors(rows[start : start + batch_size], collator.items, max_length)
-        users = model.encode_users(item_embeddings.to(device), tensors["inputs"].to(device)).user_embeddings
-        ranks.append(target_ranks(users.float(), item_embeddings.to(device), tensors["targets"].to(device),
-                                  tensors["history"].to(device)))
-    ranks = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.long)
-    if accelerator is not None and accelerator.num_processes > 1:
-        ranks = _gather_ranks(accelerator, ranks.to(device))
+
+    def rank(batch: range) -> torch.Tensor:
+        tensors = sequences_to_tensors(rows[batch.start : batch.stop], collator.items, max_length)
+        users = model.encode_users(item_embeddings, tensors["inputs"].to(device)).user_embeddings
+        return target_ranks(users.float(), item_embeddings, tensors["targets"].to(device),
+                            tensors["history"].to(device))
+
+    ranks = map_batches(rank, len(rows), batch_size, accelerator, empty=(), dtype=torch.long, device=device)
     model.train(was_training)
     return ranking_metrics_from_ranks(ranks.cpu(), ks=ks)
-
-
-def _gather_ranks(accelerator, ranks: torch.Tensor) -> torch.Tensor:
-    padded = accelerator.pad_across_processes(ranks, dim=0, pad_index=-1)
-    gathered = accelerator.gather(padded)
-    return gathered[gathered >= 0]
 
 
 def popularity_metrics(train_counts: Sequence[int], rows: Iterable[Any], item_table, ks=DEFAULT_KS) -> dict[str, float]:
@@ -216,16 +287,39 @@ def _epoch_loader(dataset, collator, config: TrainingConfig, generator: torch.Ge
     )
 
 
-def _corrupt(batch: dict, config: TrainingConfig, step: int, process_index: int) -> dict:
+def _corrupt(batch: dict, config: TrainingConfig, step: int, accelerator) -> dict:
+    """Add NID/RCL corruption to a batch: ``corrupted_item_ids`` and ``noise_labels`` (B, L).
+
+    The corruption is drawn for the *global* batch, the users of every process in process order, with the
+    replacement items drawn from the distinct items of every process's batch, by a generator seeded with
+    ``(seed, step)``. N processes x B users therefore corrupt every user exactly as 1 process x N*B users
+    does. Only item ids cross processes (one small gather); a replacement that lives on another process is
+    looked up by the model in the gathered candidate pool."""
     if config.replace_prob <= 0 and config.shuffle_prob <= 0:
         return batch
-    generator = torch.Generator().manual_seed(hash((config.seed, step, process_index)) & 0x7FFF_FFFF)
-    index = batch["item_index"][:, :-1].cpu()
-    corrupted, labels = corrupt_sequences(
-        index, int(batch["item_ids"].numel()), config.replace_prob, config.shuffle_prob, generator=generator
-    )
-    device = batch["item_index"].device
-    batch["corrupted_index"], batch["noise_labels"] = corrupted.to(device), labels.to(device)
+    index, item_ids = batch["item_index"][:, :-1], batch["item_ids"]
+    sequence_ids = torch.where(index >= 0, item_ids[index.clamp(min=0)], torch.full_like(index, -1))  # (B, L)
+    users, pool_ids, offset = sequence_ids, item_ids, 0
+    if accelerator.num_processes > 1:
+        counts = accelerator.gather(torch.tensor([index.shape[0]], device=index.device)).tolist()
+        offset = sum(counts[: accelerator.process_index])
+        # rows of padding are marked -2 (a real row holds ids >= 0 and -1 only)
+        rows = accelerator.gather(accelerator.pad_across_processes(sequence_ids, dim=0, pad_index=-2))
+        users = rows[(rows != -2).all(1)]  # (B_total, L), process order
+        pool_ids = accelerator.gather(accelerator.pad_across_processes(item_ids, dim=0, pad_index=-1))
+        pool_ids = pool_ids[pool_ids >= 0]
+    users, pool_ids = users.cpu(), pool_ids.cpu()
+    distinct = torch.unique(pool_ids)  # (G,) sorted: the same list on every process and with one process
+    positions = torch.searchsorted(distinct, users.clamp(min=0))
+    global_index = torch.where(users >= 0, positions, torch.full_like(users, -1))  # (B_total, L) into `distinct`
+    generator = torch.Generator().manual_seed(hash((config.seed, step)) & 0x7FFF_FFFF)
+    corrupted, labels = corrupt_sequences(global_index, int(distinct.numel()), config.replace_prob,
+                                          config.shuffle_prob, generator=generator)
+    mine = slice(offset, offset + index.shape[0])
+    corrupted, labels = corrupted[mine], labels[mine]
+    corrupted_ids = torch.where(corrupted >= 0, distinct[corrupted.clamp(min=0)], torch.full_like(corrupted, -1))
+    device = index.device
+    batch["corrupted_item_ids"], batch["noise_labels"] = corrupted_ids.to(device), labels.to(device)
     return batch
 
 
@@ -240,12 +334,47 @@ def _with_cached_features(batch: dict, feature_cache) -> dict:
     return out
 
 
-def _latest_checkpoint(output_dir: str) -> str | None:
+def _checkpoint_steps(output_dir: str) -> list[int]:
+    """Steps of the complete checkpoints under ``<output_dir>/checkpoints`` (``step_<N>`` holding a
+    trainer_state.json, written last), ascending; other names are ignored."""
     folder = Path(output_dir) / "checkpoints"
     if not folder.is_dir():
-        return None
-    steps = sorted(int(p.name[len(CHECKPOINT_PREFIX):]) for p in folder.iterdir() if p.name.startswith(CHECKPOINT_PREFIX))
-    return str(folder / f"{CHECKPOINT_PREFIX}{steps[-1]}") if steps else None
+        return []
+    steps = []
+    for path in folder.iterdir():
+        suffix = path.name[len(CHECKPOINT_PREFIX):]
+        if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and (path / TRAINER_STATE).is_file():
+            steps.append(int(suffix))
+    return sorted(steps)
+
+
+def _latest_checkpoint(output_dir: str) -> str | None:
+    steps = _checkpoint_steps(output_dir)
+    return str(Path(output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{steps[-1]}") if steps else None
+
+
+TRAINER_STATE = "trainer_state.json"
+LOSS_NAMES = ("loss", "next_item_loss", "nicl_loss", "nid_loss", "rcl_loss")
+
+
+@dataclass
+class _RunState:
+    """What a checkpoint's trainer_state.json holds besides Accelerate's state."""
+
+    global_step: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    best_checkpoint: str | None = None
+    evaluations_without_improvement: int = 0
+    eval_history: list | None = None
+    log_history: list | None = None
+
+    def improved(self, value: float, config: TrainingConfig) -> bool:
+        if self.best_metric is None:
+            return True
+        if config.greater_is_better:
+            return value > self.best_metric + config.early_stopping_threshold
+        return value < self.best_metric - config.early_stopping_threshold
 
 
 def train(
@@ -273,22 +402,29 @@ def train(
     from (e.g. to keep the best checkpoint, or to score a second split at the same step without embedding the
     catalogue again: ``evaluate_model(model, collator, test_rows, item_embeddings=item_embeddings)``, as the
     transfer benchmark does for its epochs grid).
-    Returns a summary: steps, final losses, the evaluation history, `train_seconds` (the training loop's wall
-    time without evaluation) and `eval_seconds`.
+
+    Under N processes (``accelerate launch``), each process takes `config.batch_size` users per micro-step;
+    the losses, gradients, learning rates and weights are those of one process with N x batch_size users
+    (in-batch negatives and corruption are drawn over the global batch, the learning-rate schedule follows
+    optimiser steps). Every trainable parameter must receive a gradient (DistributedDataParallel requires
+    it; the models freeze what their objectives do not use): the first step checks it and names offenders.
+    With `metric_for_best_model`, every evaluation that improves it is checkpointed and never rotated away
+    by `save_total_limit`; `early_stopping_patience` stops after that many evaluations without improvement;
+    `load_best_model_at_end` makes the final model the best one.
+
+    Returns a summary: steps, final losses (means over every process), `log_history` (one entry per logging
+    step: the losses and the learning rates used at that step), the evaluation history, the best metric and
+    step, whether it stopped early, `train_seconds` (the training loop's wall time without evaluation) and
+    `eval_seconds`.
     """
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
+    config.validate(has_eval_rows=eval_rows is not None)
     if accelerator is None:
-        log_with = None if config.report_to in ("none", "", None) else config.report_to
-        accelerator = Accelerator(
-            gradient_accumulation_steps=config.gradient_accumulation_steps,
-            mixed_precision=config.mixed_precision,
-            log_with=log_with,
-            project_dir=config.output_dir,
-        )
+        accelerator = make_accelerator(config)
+    accumulation = accelerator.gradient_accumulation_steps
     set_seed(config.seed)
     output_dir = Path(config.output_dir)
     streaming = not hasattr(train_dataset, "__len__")
@@ -297,13 +433,16 @@ def train(
     steps_per_epoch = None
     if not streaming:
         per_process = math.ceil(len(train_dataset) / config.batch_size / accelerator.num_processes)
-        steps_per_epoch = max(per_process // config.gradient_accumulation_steps, 1)
+        steps_per_epoch = max(per_process // accumulation, 1)
     max_steps = config.max_steps if config.num_epochs is None else config.num_epochs * steps_per_epoch
 
     optimizer = torch.optim.AdamW(parameter_groups(model, config), lr=config.learning_rate)
     scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
                               num_training_steps=max_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # the scheduler is not prepared: Accelerate would step it once per process per call (N times too fast);
+    # it is stepped here once per optimiser step, and saved with the checkpoints
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     if accelerator.is_main_process and accelerator.trackers == [] and accelerator.log_with:
         accelerator.init_trackers("pmmrec", config={k: v for k, v in asdict(config).items()
                                                     if isinstance(v, (int, float, str, bool))})
@@ -313,22 +452,27 @@ def train(
     if not streaming:
         loader = accelerator.prepare(_epoch_loader(train_dataset, collator, config, generator))
 
-    start_step = 0
+    state = _RunState(eval_history=[], log_history=[])
     resume = config.resume_from_checkpoint
     if resume == "latest":
         resume = _latest_checkpoint(config.output_dir)
     if resume:
         accelerator.load_state(resume)
-        start_step = int(json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"])
-        logger.info("Resumed from %s at step %d", resume, start_step)
+        saved = json.loads((Path(resume) / TRAINER_STATE).read_text())
+        state = _RunState(**{k: v for k, v in saved.items() if k in _RunState.__dataclass_fields__})
+        state.eval_history = state.eval_history or []
+        state.log_history = state.log_history or []
+        logger.info("Resumed from %s at step %d", resume, state.global_step)
+    start_step = state.global_step
 
     unwrapped = accelerator.unwrap_model(model)
-    history: list[dict] = []
+    history = state.eval_history
     progress = tqdm(total=max_steps, initial=start_step, disable=not accelerator.is_local_main_process,
                     desc="training", dynamic_ncols=True)
     step, micro = start_step, 0
     last_logs: dict[str, float] = {}
     running: dict[str, list[float]] = {}
+    checked_gradients = False
 
     def batches():
         epoch = 0 if streaming else step // steps_per_epoch
@@ -340,12 +484,12 @@ def train(
 
                 iterator = iter(DataLoader(train_dataset, batch_size=config.batch_size, collate_fn=collator,
                                            num_workers=config.num_workers))
-                skip = step * config.gradient_accumulation_steps if epoch == 0 else 0
+                skip = step * accumulation if epoch == 0 else 0
                 for _ in range(skip):
                     next(iterator, None)
             else:
                 generator.manual_seed(config.seed + epoch)
-                skip = (step - epoch * steps_per_epoch) * config.gradient_accumulation_steps
+                skip = (step - epoch * steps_per_epoch) * accumulation
                 iterator = iter(accelerator.skip_first_batches(loader, skip) if skip else loader)
             # starting a DataLoader iterator draws a base seed from torch's global RNG: keep that draw out of
             # the RNG stream that dropout uses, so a resumed run sees the same dropout masks
@@ -357,13 +501,20 @@ def train(
             epoch += 1
 
     timing = {"eval_seconds": 0.0}
+    early_stopped = False
+
+    def save_checkpoint() -> str:
+        path = _save_checkpoint(accelerator, config.output_dir, step, state)
+        _rotate_checkpoints(accelerator, config, state)
+        return path
 
     def evaluate_now() -> dict[str, float]:
+        nonlocal early_stopped
         eval_start = time.perf_counter()
         was_training = unwrapped.training
         unwrapped.eval()
         catalogue = encode_catalogue(unwrapped, collator, config.catalogue_batch_size, accelerator.device,
-                                     feature_cache=feature_cache)
+                                     feature_cache=feature_cache, accelerator=accelerator)
         metrics = evaluate_model(unwrapped, collator, eval_rows, ks=config.ks, batch_size=config.eval_batch_size,
                                  accelerator=accelerator, item_embeddings=catalogue)
         history.append({"step": step, **metrics})
@@ -375,6 +526,20 @@ def train(
         if accelerator.is_main_process:
             progress.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                           if k in (f"hr@{config.ks[0]}", f"ndcg@{config.ks[0]}")))
+        name = config.metric_for_best_model
+        if name:
+            if name not in metrics:
+                raise ValueError(f"`metric_for_best_model` {name!r} is not an evaluation metric; the metrics are "
+                                 f"{sorted(k for k in metrics if k != 'num_users')}.")
+            if state.improved(metrics[name], config):
+                state.best_metric, state.best_step, state.evaluations_without_improvement = metrics[name], step, 0
+                state.best_checkpoint = _checkpoint_path(config.output_dir, step)
+                save_checkpoint()
+            else:
+                state.evaluations_without_improvement += 1
+                if config.early_stopping_patience and \
+                        state.evaluations_without_improvement >= config.early_stopping_patience:
+                    early_stopped = True
         return metrics
 
     loop_start = time.perf_counter()
@@ -382,64 +547,156 @@ def train(
         evaluate_now()
     model.train()
     stream = batches()
-    while step < max_steps:
+    evaluated_at = None
+    while step < max_steps and not early_stopped:
         batch = next(stream)
-        batch = _corrupt(batch, config, step * config.gradient_accumulation_steps + micro, accelerator.process_index)
+        batch = _corrupt(batch, config, step * accumulation + micro, accelerator)
         if feature_cache is not None:
             batch = _with_cached_features(batch, feature_cache)
+        learning_rates = [group["lr"] for group in optimizer.param_groups]
         with accelerator.accumulate(model):
             outputs = model(**batch)
             accelerator.backward(outputs.loss)
+            if not checked_gradients:
+                _check_every_trainable_parameter_has_a_gradient(model, accelerator)
+                checked_gradients = True
             if accelerator.sync_gradients and config.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
-            scheduler.step()
             optimizer.zero_grad()
-        for name in ("loss", "next_item_loss", "nicl_loss", "nid_loss", "rcl_loss"):
+        for name in LOSS_NAMES:
             value = outputs.get(name) if hasattr(outputs, "get") else getattr(outputs, name, None)
             if value is not None:
                 running.setdefault(name, []).append(float(value.detach()))
         micro += 1
         if not accelerator.sync_gradients:
             continue
+        if not optimizer.step_was_skipped:  # fp16 overflow: no optimiser step, no scheduler step
+            scheduler.step()
         micro = 0
         step += 1
+        state.global_step = step
         progress.update(1)
         if step % config.logging_steps == 0 or step == max_steps:
-            last_logs = {k: sum(v) / len(v) for k, v in running.items()}
+            last_logs = _mean_over_processes(running, accelerator)
             running = {}
+            entry = {"step": step, **last_logs, "learning_rate": learning_rates[-1]}
+            if len(learning_rates) > 1:
+                entry["tower_learning_rate"] = learning_rates[0]
+            state.log_history.append(entry)
             progress.set_postfix({k.replace("_loss", ""): f"{v:.3f}" for k, v in last_logs.items()})
-            accelerator.log({f"train/{k}": v for k, v in last_logs.items()} | {"train/lr": scheduler.get_last_lr()[-1]},
+            accelerator.log({f"train/{k}": v for k, v in last_logs.items()} | {"train/lr": learning_rates[-1]},
                             step=step)
         if eval_rows is not None and config.eval_steps and step % config.eval_steps == 0 and step < max_steps:
             evaluate_now()
-        if config.save_steps and step % config.save_steps == 0:
-            _save_checkpoint(accelerator, config.output_dir, step)
+            evaluated_at = step
+        if config.save_steps and step % config.save_steps == 0 and state.best_step != step:
+            save_checkpoint()
         if config.stop_after_steps is not None and step >= config.stop_after_steps:
             progress.close()
             accelerator.wait_for_everyone()
-            return {"global_step": step, "stopped": True, "eval_history": history, "last_logs": last_logs}
+            return {"global_step": step, "stopped": True, "eval_history": history, "last_logs": last_logs,
+                    "log_history": state.log_history}
     progress.close()
-    if eval_rows is not None:
+    if eval_rows is not None and evaluated_at != step:
         evaluate_now()
     train_seconds = time.perf_counter() - loop_start - timing["eval_seconds"]
     accelerator.wait_for_everyone()
+    final = accelerator.unwrap_model(model)
+    if config.load_best_model_at_end and state.best_checkpoint and state.best_step != step:
+        _load_model_weights(final, state.best_checkpoint)
+        logger.info("Loaded the best model (step %d, %s %.4f) from %s", state.best_step,
+                    config.metric_for_best_model, state.best_metric, state.best_checkpoint)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (save_fn or _save_pretrained)(accelerator.unwrap_model(model), str(output_dir))
+        (save_fn or _save_pretrained)(final, str(output_dir))
         (output_dir / "eval_history.json").write_text(json.dumps(history, indent=2))
+        (output_dir / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=2))
+    accelerator.wait_for_everyone()
     accelerator.end_training()
-    return {"global_step": step, "stopped": False, "eval_history": history, "last_logs": last_logs,
+    return {"global_step": step, "stopped": False, "early_stopped": early_stopped, "eval_history": history,
+            "last_logs": last_logs, "log_history": state.log_history, "best_metric": state.best_metric,
+            "best_step": state.best_step, "best_checkpoint": state.best_checkpoint,
+            "num_processes": accelerator.num_processes,
             "train_seconds": train_seconds, "eval_seconds": timing["eval_seconds"],
             "collator_stats": dict(getattr(collator, "stats", {}))}
 
 
-def _save_checkpoint(accelerator, output_dir: str, step: int) -> None:
-    path = Path(output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}"
-    accelerator.save_state(str(path))
+def _mean_over_processes(running: dict[str, list[float]], accelerator) -> dict[str, float]:
+    """Means of the logged losses since the last log, averaged over processes: each process's loss is its
+    share of the global mean (``distributed_mean``), so the average over processes is the global loss."""
+    names = sorted(running)
+    if not names:
+        return {}
+    local = torch.tensor([sum(running[n]) / len(running[n]) for n in names], dtype=torch.float64,
+                         device=accelerator.device)
+    if accelerator.num_processes > 1:
+        local = accelerator.reduce(local.float(), reduction="mean").double()
+    return {name: float(value) for name, value in zip(names, local.tolist())}
+
+
+def _check_every_trainable_parameter_has_a_gradient(model: nn.Module, accelerator) -> None:
+    """After the first backward pass: every trainable parameter must have a gradient. Under several processes
+    DistributedDataParallel would otherwise fail at the next step ("Expected to have finished reduction");
+    with one process the parameter would silently never train."""
+    missing = [name.removeprefix("module.") for name, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    if not missing:
+        return
+    shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+    message = (f"{len(missing)} trainable parameter(s) received no gradient in the first step: {shown}. Freeze "
+               "what the objectives do not use (PMMRecModel.apply_freezing() after changing an objective weight) "
+               "or set `requires_grad=False` on them.")
+    if accelerator.num_processes > 1:
+        raise RuntimeError(message)
+    logger.warning(message)
+
+
+def _checkpoint_path(output_dir: str, step: int) -> str:
+    return str(Path(output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{step}")
+
+
+def _save_checkpoint(accelerator, output_dir: str, step: int, state: _RunState | None = None) -> str:
+    """Accelerate's state (model, optimiser, scheduler, RNG) and, written last, trainer_state.json: a folder
+    without it is an incomplete checkpoint, which `latest` never picks."""
+    path = _checkpoint_path(output_dir, step)
+    accelerator.save_state(path)
     if accelerator.is_main_process:
-        (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
+        record = asdict(state) if state is not None else {"global_step": step}
+        record["global_step"] = step
+        (Path(path) / TRAINER_STATE).write_text(json.dumps(record, indent=2))
     accelerator.wait_for_everyone()
+    return path
+
+
+def _rotate_checkpoints(accelerator, config: TrainingConfig, state: _RunState) -> None:
+    """Delete the oldest checkpoints beyond `save_total_limit`, never the best one."""
+    limit = config.save_total_limit
+    if not limit:
+        return
+    if accelerator.is_main_process:
+        import shutil
+
+        steps = _checkpoint_steps(config.output_dir)
+        keep = set(steps[-limit:])
+        if state.best_step is not None:
+            keep.add(state.best_step)
+        for old in steps:
+            if old not in keep:
+                shutil.rmtree(_checkpoint_path(config.output_dir, old), ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _load_model_weights(model: nn.Module, checkpoint: str) -> None:
+    from safetensors.torch import load_file
+
+    weights = Path(checkpoint) / "model.safetensors"
+    if not weights.is_file():
+        raise FileNotFoundError(f"The best checkpoint {checkpoint} has no model.safetensors.")
+    state = load_file(str(weights))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k in dict(model.named_parameters())]:
+        raise RuntimeError(f"The best checkpoint {checkpoint} does not match the model: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}.")
 
 
 def _save_pretrained(model, output_dir: str) -> None:

@@ -63,6 +63,7 @@ def load_for_transfer(
     vision_model: str | None = None,
     config: PMMRecConfig | None = None,
     seed: int | None = 0,
+    random_towers: bool = False,
     **config_overrides,
 ) -> PMMRecModel:
     """Build the model to fine-tune on a target dataset in one of `TRANSFER_SETTINGS`.
@@ -76,6 +77,10 @@ def load_for_transfer(
             their configs.
         config: the architecture for `scratch` when there is no pre-trained model to read it from.
         seed: seeds the freshly initialised parts.
+        random_towers: `user_encoder` and `scratch` re-start the towers from their original backbone weights,
+            so they need `text_model` / `vision_model` for every tower the model has; without them they refuse,
+            unless `random_towers=True` says to start those towers from random initialisation instead (what
+            the built-in tiny backbones of the synthetic dataset are anyway).
         config_overrides: objective settings for the fine-tuning run (e.g. `nicl_weight=0.0`).
     """
     if setting not in TRANSFER_SETTINGS:
@@ -113,6 +118,22 @@ def load_for_transfer(
     else:
         raise ValueError("Give a pre-trained model (`pretrained`), its encoders, or a `config` for `scratch`.")
 
+
+    if setting in ("user_encoder", "scratch"):
+        item_cfg = base_config.item_encoder_config
+        absent = [flag for flag, used, given in (("text_model", item_cfg.uses_text, text_model),
+                                                 ("vision_model", item_cfg.uses_vision, vision_model)) if used and not given]
+        if absent and not random_towers:
+            raise ValueError(
+                f"Setting {setting!r} re-starts the towers from their original backbone weights, but "
+                f"{' and '.join('`' + a + '`' for a in absent)} {'is' if len(absent) == 1 else 'are'} not given: the "
+                "towers would be randomly initialised, which is not this setting. Give the original backbones "
+                "(e.g. text_model='xlm-roberta-base'; `--text-model` / `--vision-model` in finetune.py), or pass "
+                "random_towers=True (`--random-towers`) to start them from random weights on purpose."
+            )
+        if absent:
+            logger.warning("Setting %r: %s not given, those towers start from random weights (random_towers=True).",
+                           setting, " and ".join(absent))
 
     config_dict = base_config.to_dict()
     for key in ("item_encoder_config", "user_encoder_config", "model_type", "transformers_version", "architectures",
@@ -156,6 +177,7 @@ def load_for_transfer(
         fresh = _fresh_item_encoder(item_config, text_model, vision_model, seed)
         model = PMMRecModel.from_encoders(fresh, PMMRecUserEncoder(new_config.user_encoder_config),
                                           **_objective_kwargs(new_config))
+    model.apply_freezing()  # the objectives of the fine-tuning run decide which heads train
     logger.info("Transfer setting %r: %s", setting, describe_transfer(setting))
     return model
 

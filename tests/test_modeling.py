@@ -111,8 +111,47 @@ def test_trainable_parameters_are_exactly_the_top_blocks_and_our_layers():
     assert {n for n in trainable if not n.startswith(("text_tower", "vision_tower"))} == {
         n for n, _ in encoder.named_parameters() if not n.startswith(("text_tower", "vision_tower"))
     }
-    whole = PMMRecItemEncoder(tiny_item_config(text_trainable_layers=-1))
-    assert all(p.requires_grad for p in whole.text_model.parameters())
+    whole = PMMRecItemEncoder(tiny_item_config(text_trainable_layers=-1, vision_trainable_layers=-1))
+    # the whole tower trains except what its token output never uses: BERT's pooler, CLIP's post-layernorm
+    frozen = {n for n, p in whole.named_parameters() if not p.requires_grad}
+    assert frozen == {
+        "text_tower.backbone.pooler.dense.weight", "text_tower.backbone.pooler.dense.bias",
+        "vision_tower.backbone.post_layernorm.weight", "vision_tower.backbone.post_layernorm.bias",
+    }
+    assert whole.text_tower.unused_parameter_names == ["pooler.dense.bias", "pooler.dense.weight"]
+
+
+@pytest.mark.parametrize("text_layers,vision_layers", [(1, 2), (-1, -1), (2, 0)])
+@pytest.mark.parametrize("weights", [dict(nicl_weight=0.4, nid_weight=0.3, rcl_weight=0.2),
+                                     dict(nicl_weight=0.0, nid_weight=0.0, rcl_weight=0.0),
+                                     dict(nicl_weight=0.0, nid_weight=0.0, rcl_weight=0.2)])
+def test_every_trainable_parameter_receives_a_gradient(text_layers, vision_layers, weights):
+    # what DistributedDataParallel needs: no trainable parameter without a gradient, whatever the objectives
+    config = tiny_config(item_kw=dict(text_trainable_layers=text_layers, vision_trainable_layers=vision_layers),
+                         **weights)
+    model = _seeded(PMMRecModel, config).train()
+    model(**tiny_batch()).loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    without = sorted(n for n, p in model.named_parameters() if p.requires_grad and p.grad is None)
+    assert without == []
+    assert any(n.startswith("user_encoder.") for n in trainable)
+    assert any(n.startswith("nicl_") for n in trainable) == (weights["nicl_weight"] > 0)
+    assert any(n.startswith("nid_head.") for n in trainable) == (weights["nid_weight"] > 0)
+    if vision_layers == 0:
+        assert not any(n.startswith("item_encoder.vision_tower.") for n in trainable)
+
+
+def test_freezing_follows_the_objectives_after_loading_and_after_a_change(tmp_path):
+    model = _seeded(PMMRecModel, tiny_config(nicl_weight=0.0, nid_weight=0.0))
+    assert not any(p.requires_grad for p in model.nid_head.parameters())
+    assert not any(p.requires_grad for p in model.nicl_text_head.parameters())
+    model.save_pretrained(tmp_path)
+    loaded = PMMRecModel.from_pretrained(tmp_path)
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad}
+    loaded.config.nid_weight = 0.5
+    loaded.apply_freezing()
+    assert all(p.requires_grad for p in loaded.nid_head.parameters())
 
 
 def test_one_optimizer_step_moves_only_trainable_parameters():

@@ -75,15 +75,21 @@ def test_each_setting_loads_exactly_the_intended_weights(source):
     for prefix, original in backbones.items():
         assert all(torch.equal(scratch[prefix + k], v) for k, v in original.items())
     assert _fresh(scratch, src, "user_encoder.") and _fresh(scratch, src, "item_encoder.fusion.")
-    # scratch without original backbones: towers initialised from config, runs
-    out = load_for_transfer("scratch", config=model.config)(**tiny_batch())
+    # scratch / user_encoder without original backbones: refused (the towers would silently be random) ...
+    for setting, extra in (("scratch", {}), ("user_encoder", {"user_encoder": str(root / "user")})):
+        with pytest.raises(ValueError, match="`text_model` and `vision_model` are not given.*random_towers=True"):
+            load_for_transfer(setting, config=model.config, **extra)
+        with pytest.raises(ValueError, match="`vision_model` is not given"):
+            load_for_transfer(setting, config=model.config, text_model=kw["text_model"], **extra)
+    # ... unless asked for: towers initialised from their configs, and it runs
+    out = load_for_transfer("scratch", config=model.config, random_towers=True)(**tiny_batch())
     assert torch.isfinite(out.loss)
 
 
 def test_every_setting_trains(source):
     root, model, _, _ = source
     for setting in TRANSFER_SETTINGS:
-        kwargs = {"config": model.config} if setting in ("scratch", "user_encoder") else {}
+        kwargs = {"config": model.config, "random_towers": True} if setting in ("scratch", "user_encoder") else {}
         transferred = load_for_transfer(setting, str(root / "full"), nicl_weight=0.0, nid_weight=0.0, rcl_weight=0.0,
                                         **kwargs)
         out = transferred(**tiny_batch())
@@ -126,3 +132,18 @@ def test_lora_trains_only_adapters(source, tmp_path):
     merged.save_pretrained(tmp_path / "merged")
     reloaded = PMMRecModel.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(reloaded(**tiny_batch()).loss, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("setting", ["full", "item_encoder", "text"])
+def test_fine_tuning_objectives_decide_which_heads_train(source, setting):
+    # pre-trained with every objective; fine-tuned with next-item only: the NICL / NID heads are frozen
+    root, _, _, _ = source
+    model = load_for_transfer(setting, str(root / "full"), nicl_weight=0.0, nid_weight=0.0, rcl_weight=0.0)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert {n for n, _ in model.nid_head.named_parameters(prefix="nid_head")} <= frozen
+    if model.nicl_text_head is not None:
+        assert all(not p.requires_grad for p in model.nicl_text_head.parameters())
+    model(**tiny_batch()).loss.backward()
+    assert [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None] == []
+    again = load_for_transfer(setting, str(root / "full"), nid_weight=0.5)
+    assert all(p.requires_grad for p in again.nid_head.parameters())
