@@ -95,7 +95,8 @@ class TrainingConfig:
 
 def make_accelerator(config: TrainingConfig, **kwargs):
     """The Accelerator of a training run: the launcher's (or `accelerate config`'s) settings unless `config`
-    sets them (`mixed_precision`, `gradient_accumulation_steps`; None leaves them to Accelerate).
+    sets them (`mixed_precision`: ``accelerate launch --mixed_precision``; `gradient_accumulation_steps`:
+    ``ACCELERATE_GRADIENT_ACCUMULATION_STEPS``; None leaves them to Accelerate, whose own default is no / 1).
 
     Processes started by a launcher on a machine without an accelerator device (``accelerate launch
     --multi_gpu --num_processes N`` or ``torchrun --nproc_per_node N`` on CPUs) join one gloo process group
@@ -104,13 +105,23 @@ def make_accelerator(config: TrainingConfig, **kwargs):
     import os
 
     from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
 
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if "WORLD_SIZE" not in os.environ and os.environ.get("MASTER_ADDR") and \
+            os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"):
+        logger.warning(
+            "`accelerate launch --cpu --num_processes N` starts ONE process (Accelerate's CPU launcher needs MPI for "
+            "more): this run is single-process. For N CPU processes use `accelerate launch --multi_gpu "
+            "--num_processes N` or `ACCELERATE_USE_CPU=true torchrun --nproc_per_node N`."
+        )
     if world > 1 and "cpu" not in kwargs and not _has_accelerator_device():
         kwargs["cpu"] = True
+    if config.gradient_accumulation_steps is not None and "gradient_accumulation_plugin" not in kwargs:
+        # given: it wins over ACCELERATE_GRADIENT_ACCUMULATION_STEPS (a plain count of 1 would not)
+        kwargs["gradient_accumulation_plugin"] = GradientAccumulationPlugin(num_steps=config.gradient_accumulation_steps)
     log_with = None if config.report_to in ("none", "", None) else config.report_to
     accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps or 1,
         mixed_precision=config.mixed_precision,
         log_with=log_with,
         project_dir=config.output_dir,
@@ -611,13 +622,15 @@ def train(
         output_dir.mkdir(parents=True, exist_ok=True)
         (save_fn or _save_pretrained)(final, str(output_dir))
         (output_dir / "eval_history.json").write_text(json.dumps(history, indent=2))
-        (output_dir / TRAINER_STATE).write_text(json.dumps(asdict(state), indent=2))
+        run = {"num_processes": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision),
+               "gradient_accumulation_steps": accumulation, "early_stopped": early_stopped}
+        (output_dir / TRAINER_STATE).write_text(json.dumps({**asdict(state), **run}, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"global_step": step, "stopped": False, "early_stopped": early_stopped, "eval_history": history,
             "last_logs": last_logs, "log_history": state.log_history, "best_metric": state.best_metric,
             "best_step": state.best_step, "best_checkpoint": state.best_checkpoint,
-            "num_processes": accelerator.num_processes,
+            "num_processes": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision),
             "train_seconds": train_seconds, "eval_seconds": timing["eval_seconds"],
             "collator_stats": dict(getattr(collator, "stats", {}))}
 

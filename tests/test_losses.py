@@ -144,3 +144,58 @@ def test_rcl_by_hand():
 def test_reduction_must_be_known():
     with pytest.raises(ValueError, match="reduction"):
         nid_loss(torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.long), reduction="max")
+
+
+def test_padding_rows_of_a_gather_never_shadow_a_real_item():
+    # the gathered pool of 2 processes, 2 rows each: process 0 has one item (id 5) and a padding row (zeros,
+    # id 0); process 1 holds the real item 0 and item 7. A process-1 user whose next item is item 0.
+    candidates = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    ids = torch.tensor([5, 0, 0, 7])
+    valid = torch.tensor([True, False, True, True])
+    query = torch.tensor([[0.5, 2.0]])
+    user_ids = torch.tensor([[7, 0]])  # saw item 7, then item 0 (the target)
+    loss = next_item_loss(query, candidates, torch.tensor([2]), torch.tensor([0]), user_ids, ids,
+                          candidate_valid=valid)
+    # candidates that count: item 5 (logit 0.5) and item 0 (the positive, logit 2.0); item 7 is masked (own
+    # sequence), the padding row is not a candidate
+    assert loss.item() == pytest.approx(_ce(2.0, [0.5]), rel=1e-6)
+    # the same without the padding row
+    compact = next_item_loss(query, candidates[[0, 2, 3]], torch.tensor([1]), torch.tensor([0]), user_ids,
+                             ids[[0, 2, 3]])
+    assert loss.item() == pytest.approx(compact.item(), rel=1e-6)
+
+
+def test_contrastive_logits_stay_float32_under_bf16_autocast():
+    g = torch.Generator().manual_seed(0)
+    query, candidates = torch.randn(6, 16, generator=g), torch.randn(9, 16, generator=g)
+    targets, users = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([0, 0, 1, 1, 2, 2])
+    ids = torch.arange(9) + 100
+    user_ids = torch.tensor([[100, 101], [102, 103], [104, 105]])
+    log_q = torch.log_softmax(torch.randn(9, generator=g), 0) * 3
+    kwargs = dict(candidate_log_q=log_q, temperature=0.07)
+    plain = next_item_loss(query, candidates, targets, users, user_ids, ids, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = next_item_loss(query, candidates, targets, users, user_ids, ids, **kwargs)
+        rcl_mixed = rcl_loss(query, query.flip(0), 0.1)
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, plain)
+    assert torch.equal(rcl_mixed, rcl_loss(query, query.flip(0), 0.1))
+
+
+def test_rcl_leaves_out_users_without_a_representation():
+    clean = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    noisy = torch.tensor([[0.9, 0.1], [0.2, 0.8], [1.0, 1.0]])
+    valid = torch.tensor([True, True, False])  # user 2 has no real input position
+    with_mask = rcl_loss(clean, noisy, 0.5, valid=valid, reduction="sum")
+    without_user = rcl_loss(clean[:2], noisy[:2], 0.5, reduction="sum")
+    assert with_mask.item() == pytest.approx(without_user.item(), rel=1e-6)
+
+
+def test_rows_of_ids_finds_the_first_valid_copy_and_names_missing_ids():
+    from pmmrec_hf.losses import rows_of_ids
+
+    pool = torch.tensor([4, 0, 9, 0, 4])
+    valid = torch.tensor([True, False, True, True, True])
+    rows = rows_of_ids(torch.tensor([[-1, 0, 4], [9, 9, -1]]), pool, valid)
+    assert rows.tolist() == [[-1, 3, 0], [2, 2, -1]]
+    with pytest.raises(ValueError, match=r"ids \[7\] are not among the batch's items"):
+        rows_of_ids(torch.tensor([7, 4]), pool, valid)

@@ -385,3 +385,48 @@ def test_paper_sized_model_has_the_reference_parameter_counts():
     assert abs(trainable - (51.4e6 - 0.59e6)) < 0.1e6
     assert abs(sum(p.numel() for p in model.item_encoder.fusion.parameters()) - 7.1e6) < 0.05e6
     assert abs(sum(p.numel() for p in model.user_encoder.parameters()) - 14.2e6) < 0.05e6
+
+
+def _corrupted_batch(sequences, slots=6):
+    from tiny_models import batch_from_sequences, tiny_catalogue
+
+    batch = batch_from_sequences(sequences, tiny_catalogue(), slots)
+    inputs = batch["item_index"][:, :-1]
+    corrupted = torch.where(inputs >= 0, (inputs + 1) % len(batch["item_ids"]), inputs)  # every item replaced
+    batch.update(corrupted_index=corrupted, noise_labels=torch.where(inputs >= 0, 1, -100))
+    return batch
+
+
+def test_rcl_skips_users_without_a_real_input_position():
+    model = _seeded(PMMRecModel, tiny_config(nicl_weight=0.0, nid_weight=0.3, rcl_weight=0.5)).eval()
+    sequences = [[0, 1, 2, 3], [3, 4, 5], [5, 1, 0, 2]]
+    with_lonely = model(**_corrupted_batch(sequences + [[4]]))  # [4]: a target and no input
+    without = model(**_corrupted_batch(sequences))
+    torch.testing.assert_close(with_lonely.rcl_loss, without.rcl_loss, rtol=1e-6, atol=1e-7)
+
+
+def test_corrupted_item_ids_equal_corrupted_index():
+    model = _seeded(PMMRecModel, tiny_config(nid_weight=0.3, rcl_weight=0.5)).eval()
+    batch = tiny_batch()
+    by_index = model(**batch)
+    ids = batch["item_ids"]
+    index = batch.pop("corrupted_index")
+    batch["corrupted_item_ids"] = torch.where(index >= 0, ids[index.clamp(min=0)], -1)
+    by_ids = model(**batch)
+    for name in ("loss", "nid_loss", "rcl_loss"):
+        assert torch.equal(by_ids[name], by_index[name]), name
+    batch["corrupted_item_ids"][0, -1] = 1000
+    with pytest.raises(ValueError, match=r"ids \[1000\] are not among the batch's items"):
+        model(**batch)
+    with pytest.raises(ValueError, match="not both"):
+        model(**{**batch, "corrupted_index": index})
+
+
+def test_inference_forward_on_a_training_batch_is_a_clear_error():
+    model = _seeded(PMMRecModel, tiny_config()).eval()
+    batch = tiny_batch()  # item_index has L + 1 = 6 columns, the user encoder 5 positions
+    with pytest.raises(ValueError, match=r"return_loss=False.*at most .*\(5\) columns; got 6.*item_index\[:, :-1\]"):
+        model(**batch, return_loss=False)
+    out = model(**{**batch, "item_index": batch["item_index"][:, :-1]}, return_loss=False)
+    trained = model(**batch)
+    torch.testing.assert_close(out.user_states, trained.user_states)  # the loss path's states, same inputs
