@@ -31,6 +31,10 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--synthetic-users", type=int, default=2000)
     group.add_argument("--synthetic-items", type=int, default=500)
     group.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (image decoding happens there)")
+    group.add_argument("--train-fraction", type=float, default=1.0,
+                       help="train on this fraction of the training users (seeded, nested: the users of a smaller "
+                            "fraction are among those of a larger one); evaluation keeps every user")
+    group.add_argument("--train-fraction-seed", type=int, default=0, help="the seed of the --train-fraction subset")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -154,6 +158,11 @@ def load_data(args: argparse.Namespace, process_index: int = 0, num_processes: i
             train = shard_for_process(stream, process_index, num_processes, seed=args.seed)
         else:
             train = splits["train"]
+    fraction = getattr(args, "train_fraction", 1.0)
+    if fraction != 1.0:
+        from .data.format import subset_users
+
+        train = subset_users(train, fraction, seed=getattr(args, "train_fraction_seed", 0))
     eval_rows = [dict(row) for row in eval_split]
     if args.max_eval_users is not None:
         eval_rows = eval_rows[: args.max_eval_users]

@@ -163,3 +163,36 @@ def test_amazon_office_rebuilt_split_matches_the_source_split(tmp_path):
     assert {u: s[-1] for u, s in valid.items()} == targets("dev.csv")
     assert (valid["1"][-1], test["1"][-1]) == ("B00CLV8ZIU", "B0019K3LI8")
     assert (valid["21"][-1], test["21"][-1], len(test["21"])) == ("B00006IE5K", "B00006IEIO", 9)
+
+
+def test_amazon_beauty_one_line_per_user(tmp_path):
+    source = _need("amazon-beauty")
+    lines = [line.split() for line in (source / "user_sequence.txt").read_text().splitlines()]
+    result = _prepare(tmp_path, "amazon-beauty", "amazon-beauty")
+    c = result.counts
+    assert (c["source_lines_read"], c["source_lines_skipped"]) == (len(lines), 0) == (22363, 0)
+    assert c["interactions_read"] == sum(len(line) - 1 for line in lines) == 198502
+    assert (c["users"], c["items"], c["items_read"]) == (22363, 12101, 12101)
+    test = _test_rows(result, tmp_path)
+    first = lines[0]
+    assert test[first[0]] == first[1:][-len(test[first[0]]):]  # the line's order, its last items
+    items, _ = load_items(result.folder, decode_images=False)
+    text = dict(zip(items["item_id"], items["text"]))
+    assert text["7806397051"] == ("WAWO 15 Color Professionl Makeup Eyeshadow Camouflage Facial Concealer Neutral "
+                                  "Palette. Beauty, Makeup, Face, Concealers & Neutralizers. COKA")
+
+
+def test_amazon_games_sequential_benchmark_files(tmp_path):
+    source = _need("amazon-games")
+    with (source / "Games-6k.test.inter").open() as f:
+        rows = list(csv.reader(f, delimiter="\t"))[1:]
+    result = _prepare(tmp_path, "amazon-games", "amazon-games")
+    c = result.counts
+    # every valid row is the test row minus its last item (or, for users at the 50-item cap, shifted one
+    # item earlier, which gives back the 51st item): all merged, none conflicting
+    assert (c["source_lines_read"], c["source_rows_merged"], c["source_rows_conflicting"]) == (101092, 50546, 0)
+    assert c["interactions_read"] == 440264 and c["users_read"] == len(rows) == 50546
+    assert c["items"] == 16859
+    test = _test_rows(result, tmp_path)
+    user, history, target = rows[0]
+    assert test[user][-1] == target and test[user][:-1] == history.split()[-(len(test[user]) - 1):]

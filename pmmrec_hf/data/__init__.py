@@ -12,6 +12,7 @@ from .format import (
     save_prepared,
     sequence_features,
     shard_for_process,
+    subset_users,
 )
 from .prepare import (
     COUNT_NAMES,
@@ -25,6 +26,7 @@ from .prepare import (
     read_table,
 )
 from .presets import PRESETS, Preset, prepare_preset, preset_kwargs
+from .sequences import INTERACTION_FORMATS, read_sequence_benchmark, read_user_sequences
 from .collator import ItemInputEncoder, ItemTable, PMMRecCollator, PMMRecEvalCollator, encode_item_inputs
 from .corruption import corrupt_sequences
 from .image_processing import PMMRecImageTransform, is_missing_image, load_image
@@ -41,6 +43,7 @@ __all__ = [
     "DEFAULT_MAX_LENGTH",
     "DEFAULT_MAX_ROWS_PER_FILE",
     "DEFAULT_MIN_LENGTH",
+    "INTERACTION_FORMATS",
     "ITEMS_FILE",
     "ItemInputEncoder",
     "ItemTable",
@@ -69,10 +72,13 @@ __all__ = [
     "preset_kwargs",
     "push_prepared_to_hub",
     "read_metadata",
+    "read_sequence_benchmark",
     "read_table",
+    "read_user_sequences",
     "reference_hit_rates",
     "save_prepared",
     "sequence_features",
     "shard_for_process",
+    "subset_users",
     "synthetic_tokenizer",
 ]

@@ -32,8 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--movielens-100k-dir", help="movielens-1m: the movielens-100k folder giving posters "
                      "and synopses (default: a sibling folder); 'none' to import without them")
     src.add_argument("--lmdb", dest="lmdb_path", help="pmmrec: the images LMDB (default: the one in --source)")
-    src.add_argument("--dataset-name", help="recbole: the atomic files' stem (default: the only .inter)")
+    src.add_argument("--dataset-name", help="recbole / amazon-games: the files' stem (default: the only "
+                     ".inter / .test.inter)")
     src.add_argument("--interactions", nargs="+", help="interaction file(s) (CSV, TSV, Parquet, JSON lines)")
+    src.add_argument("--interactions-format", choices=["table", "user-sequences", "recbole-sequential"],
+                     help="table (default: one row per interaction), user-sequences (one line per user: "
+                          "'<user> <item 1> ... <item n>'), recbole-sequential (user_id:token, item_id_list:token_seq, "
+                          "item_id:token rows; a user's rows in several files are merged)")
+    src.add_argument("--items-quoted", action="store_true",
+                     help="the items TSV quotes fields that hold tabs or newlines (RecBole files written by pandas)")
     src.add_argument("--items", help="the items file")
     src.add_argument("--user-col", help="default: user_id")
     src.add_argument("--item-col", help="default: item_id")
@@ -78,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 _GENERIC = (
     "user_col", "item_col", "time_col", "item_id_col", "text_cols", "text_separator", "text_template",
     "image_col", "image_pattern", "image_root", "image_lmdb", "interactions_sep", "items_sep",
-    "interactions_columns", "items_columns", "encoding", "time_format", "name", "max_length", "min_length",
+    "interactions_columns", "items_columns", "interactions_format", "encoding", "time_format", "name", "max_length",
+    "min_length",
     "require_text", "require_images", "unknown_items", "max_users", "max_rows_per_file", "num_shards", "token",
     "private",
 )
@@ -88,6 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     options = {k: getattr(args, k) for k in _GENERIC if getattr(args, k) is not None}
+    if args.items_quoted:
+        options["items_quoted"] = True
     if options.get("time_col", "").lower() == "none":
         options["time_col"] = None
     for key in ("interactions_sep", "items_sep"):

@@ -44,6 +44,7 @@ __all__ = [
     "save_prepared",
     "sequence_features",
     "shard_for_process",
+    "subset_users",
 ]
 
 
@@ -415,3 +416,38 @@ def shard_for_process(dataset, rank: int, world_size: int, seed: int = 0, buffer
     if isinstance(part, IterableDataset):
         return part.shuffle(seed=seed, buffer_size=buffer_size)
     return part.shuffle(seed=seed)
+
+
+def _user_key(user_id: Any, seed: int) -> int:
+    """A seeded 64-bit key of a user id (stable across processes, Python versions and runs)."""
+    import hashlib
+
+    digest = hashlib.blake2b(f"{seed}\x00{user_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big")
+
+
+def subset_users(dataset, fraction: float, seed: int = 0):
+    """The rows of a seeded fraction of the users of a training split: nested (with the same seed, the users
+    kept at fraction f are among those kept at any f' > f) and the same whatever the row order.
+
+    Users are ordered by a seeded hash of their id. A map-style dataset (``datasets.Dataset`` or a list of rows
+    with a ``user_id``) keeps exactly the first ``ceil(fraction * users)`` users of that order (at least one);
+    a streaming (``IterableDataset``) split keeps each user whose hash falls below ``fraction`` of the range,
+    which is nested too but holds about, not exactly, that fraction. ``fraction`` 1 returns the split itself.
+    """
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise ValueError(f"`fraction` (--train-fraction) must be in (0, 1], got {fraction!r}.")
+    if fraction == 1:
+        return dataset
+    from datasets import IterableDataset
+
+    if isinstance(dataset, IterableDataset):
+        threshold = fraction * 2**64
+        return dataset.filter(lambda row: _user_key(row["user_id"], seed) < threshold)
+    users = list(dataset["user_id"]) if hasattr(dataset, "column_names") else [row["user_id"] for row in dataset]
+    distinct = sorted(set(users), key=lambda user: (_user_key(user, seed), str(user)))
+    keep = set(distinct[: max(1, math.ceil(fraction * len(distinct)))])
+    indices = [index for index, user in enumerate(users) if user in keep]
+    if hasattr(dataset, "select"):
+        return dataset.select(indices)
+    return [dataset[index] for index in indices]

@@ -41,6 +41,10 @@ __all__ = [
 
 # Every count written to the metadata, in the order of the pipeline (see docs/formats.md).
 COUNT_NAMES = (
+    "source_lines_read",  # sequence formats only (pmmrec_hf.data.sequences): lines / rows of the source
+    "source_lines_skipped",
+    "source_rows_merged",
+    "source_rows_conflicting",
     "items_read",
     "items_missing_id",
     "items_duplicate",
@@ -158,13 +162,15 @@ def read_table(
     columns: Sequence[str] | None = None,
     encoding: str = "utf-8",
     usecols: Sequence[int | str] | None = None,
+    quoted: bool = False,
 ) -> pd.DataFrame:
     """One table as a DataFrame, every text-file column read as strings (only empty fields are
     missing, so ids like ``0108775015`` or ``NA`` stay as written).
 
     ``source``: a path, a list of paths (concatenated in order, same columns) or a DataFrame (returned
     as is). The format follows the extension: ``.csv`` comma-separated, ``.parquet``/``.pq``,
-    ``.jsonl``/``.json``/``.ndjson`` JSON lines, anything else tab-separated (unquoted); ``sep``
+    ``.jsonl``/``.json``/``.ndjson`` JSON lines, anything else tab-separated (unquoted unless ``quoted``:
+    then a field in double quotes may hold tabs and newlines, as in RecBole files written by pandas); ``sep``
     overrides the separator. ``columns``: names for a file without a header line. RecBole typed headers
     (``item_id:token``) lose their type suffix. The table's name is kept in ``df.attrs["source"]`` for
     error messages. Raises ValueError naming the file and line when the file is not valid ``encoding``.
@@ -173,7 +179,8 @@ def read_table(
         source.attrs.setdefault("source", "<DataFrame>")
         return source
     if isinstance(source, (list, tuple)):
-        frames = [read_table(s, sep=sep, columns=columns, encoding=encoding, usecols=usecols) for s in source]
+        frames = [read_table(s, sep=sep, columns=columns, encoding=encoding, usecols=usecols, quoted=quoted)
+                  for s in source]
         df = pd.concat(frames, ignore_index=True)
         df.attrs["source"] = " + ".join(str(s) for s in source)
         return df
@@ -198,7 +205,7 @@ def read_table(
                 header=None if columns is not None else "infer",
                 names=list(columns) if columns is not None else None,
                 usecols=list(usecols) if usecols is not None else None,
-                quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL,
+                quoting=csv.QUOTE_NONE if delimiter == "\t" and not quoted else csv.QUOTE_MINIMAL,
             )
     except UnicodeDecodeError as err:
         found = _first_undecodable_line(path, encoding)
@@ -548,6 +555,8 @@ def prepare_dataset(
     items_sep: str | None = None,
     interactions_columns: Sequence[str] | None = None,
     items_columns: Sequence[str] | None = None,
+    interactions_format: str = "table",
+    items_quoted: bool = False,
     encoding: str = "utf-8",
     time_format: str | None = None,
     max_length: int = DEFAULT_MAX_LENGTH,
@@ -573,6 +582,13 @@ def prepare_dataset(
             after the other, or DataFrame; one row per interaction.
         items: path or DataFrame; one row per item.
         output_dir: the prepared folder to write.
+        interactions_format: ``"table"`` (one row per interaction), ``"user-sequences"`` (one line per user:
+            ``<user> <item 1> ... <item n>``) or ``"recbole-sequential"`` (RecBole / UniSRec
+            ``user_id:token \t item_id_list:token_seq \t item_id:token`` files, a user's rows merged); see
+            ``pmmrec_hf.data.sequences``. The sequence formats set the columns (``user_id``, ``item_id``, and
+            the position as the time) and add their ``source_*`` counts.
+        items_quoted: the items file is a tab-separated file whose double-quoted fields may hold tabs and
+            newlines.
         user_col, item_col, time_col: interaction columns. ``time_col`` holds numbers (unix seconds;
             fractions are kept for sorting and floored when stored) or dates/datetimes (stored as unix
             seconds, ``time_format`` a strftime format, default: parsed automatically); None: no time,
@@ -607,6 +623,10 @@ def prepare_dataset(
     """
     from tqdm.auto import tqdm
 
+    from .sequences import INTERACTION_FORMATS, read_interactions
+
+    if interactions_format not in INTERACTION_FORMATS:
+        raise ValueError(f"interactions_format must be one of {INTERACTION_FORMATS}, got {interactions_format!r}")
     if unknown_items not in ("drop", "keep"):
         raise ValueError(f"unknown_items must be 'drop' or 'keep', got {unknown_items!r}")
     if text_cols is not None and text_template is not None:
@@ -622,7 +642,7 @@ def prepare_dataset(
     counts = dict.fromkeys(COUNT_NAMES, 0)
 
     # ---- items table
-    items_df = read_table(items, sep=items_sep, columns=items_columns, encoding=encoding)
+    items_df = read_table(items, sep=items_sep, columns=items_columns, encoding=encoding, quoted=items_quoted)
     items_label = _label(items_df)
     if text_template is not None:
         text_fields = _column_fields(text_template, items_df.columns)
@@ -646,7 +666,12 @@ def prepare_dataset(
     items_df = items_df[~duplicated].reset_index(drop=True)
 
     # ---- interactions table
+    if interactions_format != "table":  # whole sequences: read into (user_id, item_id, position) rows
+        if not isinstance(interactions, pd.DataFrame):  # (a DataFrame is taken to be the reader's output)
+            interactions = read_interactions(interactions, interactions_format, encoding=encoding)
+        user_col, item_col, time_col = "user_id", "item_id", "position"
     inter = read_table(interactions, sep=interactions_sep, columns=interactions_columns, encoding=encoding)
+    counts.update(inter.attrs.get("source_counts", {}))
     inter_label = _label(inter)
     _require_columns(inter, [user_col, item_col, time_col], "interactions")
     counts["interactions_read"] = len(inter)

@@ -8,6 +8,8 @@
 | ``amazon-office`` | ``train.csv``/``dev.csv``/``test.csv`` (``user_id \\t item_id \\t time``), ``Office.text``, ``Office.item2index`` |
 | ``pmmrec`` | research-code layout: ``users.tsv``, ``items_texts.tsv``, an LMDB of images |
 | ``recbole`` | RecBole atomic files ``<name>.inter`` + ``<name>.item`` |
+| ``amazon-beauty`` | ``user_sequence.txt`` (one line per user) + RecBole ``Amazon_Beauty.item`` (quoted TSV) |
+| ``amazon-games`` | UniSRec/RecBole sequential ``Games-6k.valid.inter`` + ``Games-6k.test.inter`` + ``Games-6k.item`` |
 """
 
 from __future__ import annotations
@@ -226,6 +228,50 @@ def _recbole(source: Path, dataset_name: str | None = None) -> dict:
     )
 
 
+# ---- Amazon 5-core, one line of items per user (Beauty) ------------------------------------------------
+
+
+def _category_list(value) -> str:
+    """RecBole's ``'Beauty', 'Makeup', 'Face'`` -> ``Beauty, Makeup, Face``."""
+    if not isinstance(value, str):
+        return ""
+    parts = [part.strip().strip("'\"").strip() for part in value.split("', '")]
+    return ", ".join(part for part in parts if part)
+
+
+def _amazon_beauty(source: Path) -> dict:
+    items = read_table(source / "Amazon_Beauty.item", quoted=True)
+    items["categories"] = [_category_list(v) for v in items["categories"]]
+    return dict(
+        name="amazon-beauty",
+        interactions=source / "user_sequence.txt",
+        interactions_format="user-sequences",
+        items=_frame(items, f"{source / 'Amazon_Beauty.item'} (categories as a list of names)"),
+        text_template="{title}. {categories}. {brand}",
+        source_info={"order": "position in user_sequence.txt (the source has no timestamps)"},
+    )
+
+
+# ---- Amazon Video Games, UniSRec / RecBole sequential-benchmark files ------------------------------------
+
+
+def _amazon_games(source: Path, dataset_name: str | None = None) -> dict:
+    if dataset_name is None:
+        found = sorted(p.name[: -len(".test.inter")] for p in source.glob("*.test.inter"))
+        if len(found) != 1:
+            raise ValueError(f"{source}: expected one *.test.inter file, found {found}; pass dataset_name")
+        dataset_name = found[0]
+    inter = [source / f"{dataset_name}.{part}.inter" for part in ("valid", "test")]
+    return dict(
+        name="amazon-games",
+        interactions=[path for path in inter if path.is_file()],
+        interactions_format="recbole-sequential",
+        items=source / f"{dataset_name}.item",
+        text_cols=["title"],
+        source_info={"order": "position in the merged valid + test rows (the source has no timestamps)"},
+    )
+
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
@@ -237,6 +283,10 @@ PRESETS: dict[str, Preset] = {
         Preset("amazon-office", "Amazon Office (train+dev+test re-split leave-one-out); text only", _amazon_office),
         Preset("pmmrec", "PMMRec research layout: users.tsv, items_texts.tsv, images in LMDB", _pmmrec, ("lmdb_path",)),
         Preset("recbole", "RecBole atomic files <name>.inter + <name>.item", _recbole, ("dataset_name",)),
+        Preset("amazon-beauty", "Amazon Beauty 5-core: one line of items per user; title + categories + brand",
+               _amazon_beauty),
+        Preset("amazon-games", "Amazon Video Games: UniSRec/RecBole sequential benchmark files; titles",
+               _amazon_games, ("dataset_name",)),
     )
 }
 
