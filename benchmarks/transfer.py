@@ -57,6 +57,7 @@ logger = logging.getLogger("transfer_benchmark")
 SETTINGS = ("sasrec", "scratch", "full", "item_encoder", "user_encoder", "full_lora")
 KS = (10, 20, 50)
 METRICS = tuple(f"{m}@{k}" for k in KS for m in ("hr", "ndcg"))
+PROTOCOL = {"repeated_targets": "rank"}  # the evaluation protocol of this run (set from --repeated-targets)
 # source folder name, preset, modality, prepare options
 DATASETS = {
     "movielens-100k": ("movielens-100k", "movielens-100k", "multimodal", {}),
@@ -109,6 +110,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(see PMMRecConfig.next_item_similarity)")
     parser.add_argument("--temperature", type=float, default=0.07, help="next-item softmax temperature (every model)")
     parser.add_argument("--max-length", type=int, default=20, help="L, user sequence length (prepare + model)")
+    parser.add_argument("--repeated-targets", choices=("rank", "miss"), default="rank",
+                        help="evaluation protocol: a test target already in the user's history is ranked (rank) or "
+                             "a miss (miss: the research code's, which masks the whole history); stated in the table")
     parser.add_argument("--max-users", type=int, default=None, help="import only the first N users of each dataset")
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
@@ -332,7 +336,7 @@ def build_cache(args, name, data, item_encoder, tokenizer) -> tuple[MapCache, fl
 def training_config(args, steps, lr, seed, out, eval_steps=0) -> TrainingConfig:
     return TrainingConfig(output_dir=out, batch_size=args.batch_size, learning_rate=lr, max_steps=steps,
                           eval_steps=eval_steps, logging_steps=max(steps // 5, 1), seed=seed, report_to="none", ks=KS,
-                          weight_decay=0.1)
+                          weight_decay=0.1, repeated_targets=PROTOCOL["repeated_targets"])
 
 
 def fit_and_evaluate(model, data, collator, cache, config) -> tuple[dict, dict, float]:
@@ -346,8 +350,10 @@ def fit_and_evaluate(model, data, collator, cache, config) -> tuple[dict, dict, 
 
 def evaluate_splits(model, data, collator, cache) -> tuple[dict, dict]:
     embeddings = encode_catalogue(model, collator, 256, torch.device("cpu"), feature_cache=cache)
-    val = evaluate_model(model, collator, data["validation"], ks=KS, item_embeddings=embeddings)
-    test = evaluate_model(model, collator, data["test"], ks=KS, item_embeddings=embeddings)
+    val = evaluate_model(model, collator, data["validation"], ks=KS, item_embeddings=embeddings,
+                         repeated_targets=PROTOCOL["repeated_targets"])
+    test = evaluate_model(model, collator, data["test"], ks=KS, item_embeddings=embeddings,
+                         repeated_targets=PROTOCOL["repeated_targets"])
     return val, test
 
 
@@ -363,7 +369,8 @@ def fit_epochs_grid(model, data, collator, cache, config, per_epoch) -> dict:
     points = []
 
     def on_evaluate(step, validation, unwrapped, item_embeddings):
-        test = evaluate_model(unwrapped, collator, data["test"], ks=KS, item_embeddings=item_embeddings)
+        test = evaluate_model(unwrapped, collator, data["test"], ks=KS, item_embeddings=item_embeddings,
+                              repeated_targets=PROTOCOL["repeated_targets"])
         points.append({"epochs": step / per_epoch, "step": step, "validation": {k: validation[k] for k in METRICS},
                        "test": {k: test[k] for k in METRICS}})
 
@@ -397,7 +404,8 @@ def run_target(args, name, data, pretrained, text_model, vision_model, tokenizer
         vision_model = None
     cache, cache_seconds = build_cache(args, name, data, pretrained.item_encoder, tokenizer)
     ids_collator = PMMRecCollator(data["items"], modality="ids", max_length=args.max_length)
-    popular = popularity_metrics(data["train_counts"], data["test"], ids_collator.items, ks=KS)
+    popular = popularity_metrics(data["train_counts"], data["test"], ids_collator.items, ks=KS,
+                                 repeated_targets=PROTOCOL["repeated_targets"])
     rows.append({"dataset": name, "setting": "most_popular", "seed": None, "lr": None,
                  "test": {k: popular[k] for k in METRICS}, "train_seconds": 0.0})
     per_epoch = steps_per_epoch(args, data)
@@ -444,11 +452,16 @@ def _mean_std(values: list[float]) -> str:
     return f"{mean:.4f} ± {std:.4f}"
 
 
-def markdown_table(rows: list[dict]) -> str:
+def markdown_table(rows: list[dict], repeated_targets: str | None = "rank") -> str:
     """Mean ± std over seeds of the test metrics, the mean training seconds up to the chosen point, and the
-    chosen (lr, epochs) per seed."""
+    chosen (lr, epochs) per seed; the evaluation protocol's repeated-target policy in the first line (None: a
+    results file from before the option, whose runs all ranked repeated targets, printed as it was)."""
+    policy = {"rank": "a test target already in the user's history is ranked like any other (history masked)",
+              "miss": "a test target already in the user's history counts as a miss (whole history masked)"}
     header = "| dataset | setting | seeds | " + " | ".join(METRICS) + " | train s | chosen lr/epochs |"
     lines = [header, "|" + "---|" * (len(METRICS) + 5)]
+    if repeated_targets is not None:
+        lines = [f"Repeated targets: {repeated_targets}: {policy[repeated_targets]}.", ""] + lines
     for (dataset, setting), group in _groups(rows).items():
         cells = [_mean_std([r["test"][m] for r in group]) for m in METRICS]
         seconds = statistics.fmean(r["train_seconds"] for r in group)
@@ -513,7 +526,7 @@ def plot_title(args) -> str:
 def render(path: str, plot_path: str | None) -> dict:
     """Re-print the table of a results JSON and re-draw its plot (no training)."""
     result = json.loads(Path(path).read_text())
-    table = markdown_table(result["rows"])
+    table = markdown_table(result["rows"], result["args"].get("repeated_targets"))
     print(table)
     saved = argparse.Namespace(**result["args"])
     result["plot"] = plot(result["rows"], plot_path or str(Path(path).with_suffix(".png")), plot_title(saved))
@@ -531,6 +544,7 @@ def main(argv=None) -> dict:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    PROTOCOL["repeated_targets"] = args.repeated_targets
     work = Path(args.work_dir)
     if work.resolve().is_relative_to(REPO):
         raise ValueError(f"--work-dir {work} lies inside the repository: derived data must stay outside it.")
@@ -577,7 +591,7 @@ def main(argv=None) -> dict:
                                     "epochs": {t: list(range(1, n + 1)) for t, n in args.epochs.items()}},
                            "budget": {t: f"{n} epochs x batch {args.batch_size} per row and lr"
                                       for t, n in args.epochs.items()}}}
-    table = markdown_table(rows)
+    table = markdown_table(rows, args.repeated_targets)
     result["table"] = table
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(result, indent=1))

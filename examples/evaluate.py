@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--synthetic-users", type=int, default=2000)
     parser.add_argument("--synthetic-items", type=int, default=500)
     parser.add_argument("--output", default=None, help="write the metrics as JSON here")
+    parser.add_argument("--repeated-targets", default="rank", choices=["rank", "miss"],
+                        help="a target already in the user's history: ranked (default) or a miss (the research code)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     args.eval_split, args.streaming = args.split, False
@@ -71,9 +73,12 @@ def main(argv=None) -> dict:
     collator = build_collator(model, data.items, tokenizer, None, args.max_length)
     ks = tuple(int(k) for k in args.ks.split(","))
     metrics = evaluate_model(model, collator, data.eval_rows, ks=ks, batch_size=args.batch_size,
-                             catalogue_batch_size=args.catalogue_batch_size, accelerator=accelerator)
+                             catalogue_batch_size=args.catalogue_batch_size, accelerator=accelerator,
+                             repeated_targets=args.repeated_targets)
     result = {"model": args.model, "dataset": args.dataset, "split": args.split, "metrics": metrics,
-              "most_popular": popularity_metrics(data.train_counts, data.eval_rows, collator.items, ks=ks),
+              "repeated_targets": args.repeated_targets,
+              "most_popular": popularity_metrics(data.train_counts, data.eval_rows, collator.items, ks=ks,
+                                                 repeated_targets=args.repeated_targets),
               "num_processes": accelerator.num_processes if accelerator is not None else 1}
     if accelerator is not None and not accelerator.is_main_process:
         return result

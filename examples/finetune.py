@@ -103,7 +103,8 @@ def main(argv=None) -> dict:
         save_pmmrec_outputs(unwrapped, output_dir, tokenizer)
 
     if accelerator.is_main_process:
-        popular = popularity_metrics(data.train_counts, data.eval_rows, collator.items)
+        popular = popularity_metrics(data.train_counts, data.eval_rows, collator.items,
+                                     repeated_targets=args.repeated_targets)
         accelerator.print(f"setting {args.setting}; most-popular hr@10 {popular['hr@10']:.4f}")
     summary = train(train_model, data.train, collator, config, eval_rows=data.eval_rows, accelerator=accelerator,
                     save_fn=save)

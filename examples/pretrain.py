@@ -59,7 +59,8 @@ def main(argv=None) -> dict:
     model = build_model(args, tokenizer, num_items=len(data.train_counts))
     collator = build_collator(model, data.items, tokenizer, image_processor, args.max_length)
     if accelerator.is_main_process:
-        popular = popularity_metrics(data.train_counts, data.eval_rows, collator.items)
+        popular = popularity_metrics(data.train_counts, data.eval_rows, collator.items,
+                                     repeated_targets=args.repeated_targets)
         accelerator.print(f"most-popular baseline on {args.eval_split}: hr@10 {popular['hr@10']:.4f}, "
                           f"ndcg@10 {popular['ndcg@10']:.4f}")
     summary = train(

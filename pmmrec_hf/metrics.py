@@ -38,6 +38,8 @@ __all__ = [
     "load_ranking_metric",
     "ranking_metrics_from_ranks",
     "target_ranks",
+    "REPEATED_TARGETS",
+    "repeated_target_mask",
     "topk_items",
 ]
 
@@ -304,6 +306,9 @@ def _matmul_error_units(dtype: torch.dtype) -> tuple[float, float]:
     return eps_in, 2.0**-24
 
 
+REPEATED_TARGETS = ("rank", "miss")
+
+
 def target_ranks(
     user_embeddings: torch.Tensor,
     item_embeddings: torch.Tensor,
@@ -311,6 +316,7 @@ def target_ranks(
     history: HistoryLike = None,
     chunk_size: int = 65536,
     user_batch_size: int | None = 1024,
+    repeated_targets: str = "rank",
 ) -> torch.Tensor:
     """Pessimistic 1-based rank of each user's target among all items (full ranking, history masked).
 
@@ -336,10 +342,15 @@ def target_ranks(
             excluded, even if it appears in the history.
         chunk_size: items scored at once (peak memory O(user_batch_size * chunk_size)).
         user_batch_size: users scored at once (None = all users in one batch).
+        repeated_targets: a target that is also in the user's history: ``"rank"`` (default) ranks it like any
+            target (the history excludes the other items); ``"miss"`` (the research code's protocol, which
+            masks every history item) counts it as a miss: its rank is I + 1, beyond every cut-off.
 
     Returns:
         (U,) long tensor of ranks (>= 1) on the users' device.
     """
+    if repeated_targets not in REPEATED_TARGETS:
+        raise ValueError(f"`repeated_targets` must be one of {REPEATED_TARGETS}, got {repeated_targets!r}.")
     users, items = _check_embeddings(user_embeddings, item_embeddings)
     chunk_size = _check_positive_int(chunk_size, "chunk_size")
     user_batch_size = _check_positive_int(user_batch_size, "user_batch_size", allow_none=True)
@@ -411,7 +422,16 @@ def target_ranks(
                     exact = _exact_dot(u, rows, chunk, cols)
                     count.index_add_(0, rows, (exact >= t_exact[rows]).long())
             ranks[u0 : u0 + step] = 1 + count
+    if repeated_targets == "miss" and hist is not None:
+        ranks = torch.where(repeated_target_mask(tgt, hist), torch.full_like(ranks, num_items + 1), ranks)
     return ranks
+
+
+def repeated_target_mask(targets: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
+    """(U,) bool: whether each user's target is also in its history ((U, H) padded with negatives)."""
+    if history.numel() == 0:
+        return torch.zeros(targets.shape[0], dtype=torch.bool, device=targets.device)
+    return (history == targets[:, None]).any(1)
 
 
 def topk_items(
@@ -482,8 +502,10 @@ def evaluate_full_ranking(
     ks: Sequence[int] | int = DEFAULT_KS,
     chunk_size: int = 65536,
     user_batch_size: int | None = 1024,
+    repeated_targets: str = "rank",
 ) -> dict[str, float]:
-    """Full-ranking evaluation: :func:`target_ranks` then :func:`ranking_metrics_from_ranks`.
+    """Full-ranking evaluation: :func:`target_ranks` then :func:`ranking_metrics_from_ranks`
+    (`repeated_targets`: see :func:`target_ranks`).
 
     Returns ``{"hr@K", "ndcg@K", "mrr@K" for each K, "num_users"}``.
     """
@@ -491,7 +513,8 @@ def evaluate_full_ranking(
     if isinstance(user_embeddings, torch.Tensor) and user_embeddings.dim() == 2 and user_embeddings.shape[0] == 0:
         raise ValueError("user_embeddings must hold at least one user")
     ranks = target_ranks(
-        user_embeddings, item_embeddings, targets, history, chunk_size=chunk_size, user_batch_size=user_batch_size
+        user_embeddings, item_embeddings, targets, history, chunk_size=chunk_size, user_batch_size=user_batch_size,
+        repeated_targets=repeated_targets,
     )
     return ranking_metrics_from_ranks(ranks, ks_t)
 

@@ -27,6 +27,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="'synthetic' (built in, the default), a prepared folder (pmmrec-prepare) or a Hub dataset id")
     group.add_argument("--streaming", action="store_true", help="stream the training split (datasets streaming=True)")
     group.add_argument("--eval-split", default="validation", choices=["validation", "test"])
+    group.add_argument("--repeated-targets", default="rank", choices=["rank", "miss"],
+                       help="evaluation: a target the user already has in its history is ranked (rank, the default) "
+                            "or counted as a miss (miss: the research code, which masks the whole history)")
     group.add_argument("--max-eval-users", type=int, default=None, help="evaluate on the first N users only")
     group.add_argument("--synthetic-users", type=int, default=2000)
     group.add_argument("--synthetic-items", type=int, default=500)

@@ -59,6 +59,7 @@ class TrainingConfig:
     num_workers: int = 0
     ks: tuple[int, ...] = DEFAULT_KS
     catalogue_batch_size: int = 256
+    repeated_targets: str = "rank"  # evaluation: a target also in the history is ranked ("rank") or a miss ("miss")
     resume_from_checkpoint: str | None = None
     max_grad_norm: float | None = None
     replace_prob: float = 0.0
@@ -240,8 +241,12 @@ def evaluate_model(
     accelerator=None,
     item_embeddings: torch.Tensor | None = None,
     feature_cache=None,
+    repeated_targets: str = "rank",
 ) -> dict[str, float]:
     """Full-ranking HR/NDCG/MRR@K of `model` on validation/test rows (the last item of a row is the target).
+
+    `repeated_targets`: a target that is also in the user's history is ranked (``"rank"``, the default) or
+    counted as a miss (``"miss"``, the research code's protocol); see ``pmmrec_hf.metrics.target_ranks``.
 
     The catalogue is embedded once (in batches), each user is scored against every item with the history
     masked (``pmmrec_hf.metrics``). With a `feature_cache`, the catalogue is embedded from cached frozen tower
@@ -264,20 +269,22 @@ def evaluate_model(
         tensors = sequences_to_tensors(rows[batch.start : batch.stop], collator.items, max_length)
         users = model.encode_users(item_embeddings, tensors["inputs"].to(device)).user_embeddings
         return target_ranks(users.float(), item_embeddings, tensors["targets"].to(device),
-                            tensors["history"].to(device))
+                            tensors["history"].to(device), repeated_targets=repeated_targets)
 
     ranks = map_batches(rank, len(rows), batch_size, accelerator, empty=(), dtype=torch.long, device=device)
     model.train(was_training)
     return ranking_metrics_from_ranks(ranks.cpu(), ks=ks)
 
 
-def popularity_metrics(train_counts: Sequence[int], rows: Iterable[Any], item_table, ks=DEFAULT_KS) -> dict[str, float]:
+def popularity_metrics(train_counts: Sequence[int], rows: Iterable[Any], item_table, ks=DEFAULT_KS,
+                       repeated_targets: str = "rank") -> dict[str, float]:
     """The most-popular baseline under the same protocol: score = train count, history masked."""
     counts = torch.as_tensor(list(train_counts), dtype=torch.float64)
     rows = list(rows)
     tensors = sequences_to_tensors(rows, item_table, max_length=1)
     users = torch.ones(len(rows), 1, dtype=torch.float64)
-    return evaluate_full_ranking(users, counts[:, None], tensors["targets"], tensors["history"], ks=ks)
+    return evaluate_full_ranking(users, counts[:, None], tensors["targets"], tensors["history"], ks=ks,
+                                 repeated_targets=repeated_targets)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -527,7 +534,8 @@ def train(
         catalogue = encode_catalogue(unwrapped, collator, config.catalogue_batch_size, accelerator.device,
                                      feature_cache=feature_cache, accelerator=accelerator)
         metrics = evaluate_model(unwrapped, collator, eval_rows, ks=config.ks, batch_size=config.eval_batch_size,
-                                 accelerator=accelerator, item_embeddings=catalogue)
+                                 accelerator=accelerator, item_embeddings=catalogue,
+                                 repeated_targets=config.repeated_targets)
         history.append({"step": step, **metrics})
         if on_evaluate is not None:
             on_evaluate(step, metrics, unwrapped, catalogue)

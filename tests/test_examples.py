@@ -154,3 +154,33 @@ def test_pretrain_streams_a_prepared_folder_and_logs_to_tensorboard(tmp_path):
     events = list((tmp_path / "out").rglob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file written"
     assert (tmp_path / "out" / "model" / "model.safetensors").exists()
+
+
+def test_train_fraction_and_repeated_targets_through_the_scripts(pretrained, tmp_path):
+    out, _ = pretrained
+    # one epoch of a quarter of the training users: ceil(ceil(users / 4) / batch) steps
+    from pmmrec_hf.data.synthetic import make_synthetic_dataset
+
+    users = len(make_synthetic_dataset(num_items=60, num_users=120, seed=0, max_length=20).splits["train"])
+    summary = finetune.main(TINY[:4] + TINY[6:] + ["--pretrained", str(out / "model"), "--num-epochs", "1",
+                                                  "--train-fraction", "0.25", "--eval-steps", "0",
+                                                  "--output-dir", str(tmp_path / "ft")])
+    assert summary["global_step"] == -(-(-(-users // 4)) // 8)
+    ranked = evaluate_script.main(["--model", str(out / "model"), "--synthetic-users", "120", "--synthetic-items",
+                                   "60", "--split", "test"])
+    missed = evaluate_script.main(["--model", str(out / "model"), "--synthetic-users", "120", "--synthetic-items",
+                                   "60", "--split", "test", "--repeated-targets", "miss"])
+    assert (ranked["repeated_targets"], missed["repeated_targets"]) == ("rank", "miss")
+    assert all(missed["metrics"][k] <= ranked["metrics"][k] for k in ranked["metrics"] if k != "num_users")
+
+
+def test_zero_shot_evaluation_on_a_dataset_the_model_never_saw(pretrained, tmp_path):
+    # no target training: the catalogue comes from the pre-trained item encoder, the user encoder runs as is
+    from pmmrec_hf.data import make_synthetic_dataset
+
+    make_synthetic_dataset(num_items=45, num_users=70, seed=7, output_dir=tmp_path / "target")
+    out, _ = pretrained
+    result = evaluate_script.main(["--model", str(out / "model"), "--dataset", str(tmp_path / "target"),
+                                   "--split", "test"])
+    assert result["metrics"]["num_users"] == 70 and result["dataset"] == str(tmp_path / "target")
+    assert 0.0 <= result["metrics"]["ndcg@10"] <= result["metrics"]["hr@10"] <= 1.0

@@ -316,3 +316,22 @@ def test_bad_input_raises_value_error():
         topk_items(users, items, 7)
     with pytest.raises(ValueError, match="k must be"):
         topk_items(users, items, 0)
+
+
+def test_repeated_targets_are_ranked_or_counted_as_misses():
+    from pmmrec_hf.metrics import target_ranks
+
+    items = torch.tensor([[3.0], [2.0], [1.0], [0.5]])  # scores for a user embedding (1,): 3, 2, 1, 0.5
+    users = torch.tensor([[1.0], [1.0]])
+    targets = torch.tensor([1, 2])
+    history = torch.tensor([[1, 0], [3, -1]])  # user 0's target (item 1) is also in its history
+    ranked = target_ranks(users, items, targets, history)
+    # user 0: item 0 masked (history), the target itself is not: rank 1; user 1: items 0, 1 above: rank 3
+    assert ranked.tolist() == [1, 3]
+    missed = target_ranks(users, items, targets, history, repeated_targets="miss")
+    assert missed.tolist() == [5, 3]  # I + 1: beyond every cut-off
+    metrics = evaluate_full_ranking(users, items, targets, history, ks=(1,), repeated_targets="miss")
+    assert metrics["hr@1"] == 0.0
+    assert evaluate_full_ranking(users, items, targets, history, ks=(1,))["hr@1"] == 0.5
+    with pytest.raises(ValueError, match="repeated_targets"):
+        target_ranks(users, items, targets, history, repeated_targets="drop")
