@@ -163,7 +163,10 @@ def nicl_loss(
     candidate_is_local: torch.Tensor | None = None,
     candidate_valid: torch.Tensor | None = None,
     reduction: str = "mean",
-) -> torch.Tensor:
+    item_has_image: torch.Tensor | None = None,
+    candidate_has_image: torch.Tensor | None = None,
+    return_count: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """NICL: next-item enhanced cross-modal contrastive loss (the design adopted in the reference).
 
     Args:
@@ -178,21 +181,35 @@ def nicl_loss(
             (index c < N); remote candidates belong to other users by construction.
         candidate_valid: (C,) bool, False for padding rows of a gather.
         reduction: "mean" over anchors, or "sum" (for a mean over every process's anchors).
+        item_has_image: (N,) bool, False for items without a real image (their `vision_features` are a
+            placeholder's): such an image is never an anchor, a positive or a negative. Default: all True.
+        candidate_has_image: (C,) bool, the same for the candidates (default: `item_has_image` for a local pool,
+            all True for a given one).
+        return_count: also return the number of anchors that took part (for a mean over processes).
 
     Anchor t(u,l) for every real item; positives: its own image v(u,l) and, when l+1 is real, the next
     item's text t(u,l+1) and image v(u,l+1). Negatives: text and image features of other users' items whose
     id differs from every positive's id, each distinct id once. Per-positive InfoNCE averaged over the
     anchor's positives, then over anchors; the symmetric direction (image anchor) likewise; the mean of the
-    two directions.
+    two directions. With items lacking an image, each anchor averages the directions it has (the image
+    anchor needs its own image; the text anchor needs one valid positive), anchors with none are left out, and
+    the mean runs over the anchors that took part.
     """
     num_items = text_features.shape[0]
+    device = item_ids.device
+    has_image = (torch.ones(num_items, dtype=torch.bool, device=device) if item_has_image is None
+                 else item_has_image.to(device=device, dtype=torch.bool))
     if candidate_text is None:
         candidate_text, candidate_vision, candidate_ids = text_features, vision_features, item_ids
         candidate_is_local = torch.ones(num_items, dtype=torch.bool, device=item_ids.device)
+        if candidate_has_image is None:
+            candidate_has_image = has_image
     num_candidates = candidate_ids.shape[0]
-    device = item_ids.device
     if candidate_valid is None:
         candidate_valid = torch.ones(num_candidates, dtype=torch.bool, device=device)
+    if candidate_has_image is None:
+        candidate_has_image = torch.ones(num_candidates, dtype=torch.bool, device=device)
+    candidate_has_image = candidate_has_image.to(device=device, dtype=torch.bool)
 
     batch, slots = item_index.shape
     real = item_index >= 0  # (B, S)
@@ -224,9 +241,13 @@ def nicl_loss(
     negative = keep[anchor_user] & (candidate_ids[None, :] != anchor_id[:, None]) & (
         candidate_ids[None, :] != next_id[:, None]
     )  # (A, C)
-    pos_valid = torch.stack([torch.ones_like(has_next), has_next, has_next], dim=1)  # (A, 3)
+    own_image, next_image = has_image[anchor_item], has_next & has_image[next_item]  # (A,), (A,)
+    # positives: [the anchor's other modality, the next item's text, the next item's image]
+    text_valid = torch.stack([own_image, has_next, next_image], dim=1)  # (A, 3) text anchor: own image first
+    image_valid = torch.stack([own_image, has_next & own_image, next_image & own_image], dim=1)  # (A, 3)
+    negative_columns = torch.cat([negative, negative & candidate_has_image[None, :]], dim=1)  # (A, 2C)
 
-    def direction(anchor_feats: torch.Tensor, own_other: torch.Tensor) -> torch.Tensor:
+    def direction(anchor_feats: torch.Tensor, own_other: torch.Tensor, pos_valid: torch.Tensor) -> torch.Tensor:
         # anchor_feats: (A, p); own_other: (A, p) the anchor item's other modality
         positives = torch.stack(
             [own_other, text_features[next_item], vision_features[next_item]], dim=1
@@ -234,17 +255,26 @@ def nicl_loss(
         pos_logits = (positives.float() * anchor_feats.float()[:, None, :]).sum(-1) / temperature  # (A, 3)
         neg_logits = torch.cat([similarity_logits(anchor_feats, candidate_text, temperature),
                                 similarity_logits(anchor_feats, candidate_vision, temperature)], 1)  # (A, 2C)
-        neg_logits = neg_logits.masked_fill(~negative.repeat(1, 2), float("-inf"))  # (A, 2C)
+        neg_logits = neg_logits.masked_fill(~negative_columns, float("-inf"))  # (A, 2C)
         neg_lse = torch.logsumexp(neg_logits, dim=1)  # (A,)
         per_positive = torch.logaddexp(pos_logits, neg_lse[:, None]) - pos_logits  # (A, 3)
         per_positive = per_positive.masked_fill(~pos_valid, 0.0)  # (A, 3)
-        return per_positive.sum(1) / pos_valid.sum(1)  # (A,)
+        return per_positive.sum(1) / pos_valid.sum(1).clamp(min=1)  # (A,)
 
     text_anchor = text_features[anchor_item]  # (A, p)
     vision_anchor = vision_features[anchor_item]  # (A, p)
     # for the text anchor the first positive is the own image; for the image anchor, the own text
-    per_anchor = (direction(text_anchor, vision_anchor) + direction(vision_anchor, text_anchor)) / 2  # (A,)
-    return _reduce(per_anchor, reduction)
+    uses_text_anchor = text_valid.any(1)  # (A,)
+    uses_image_anchor = own_image  # (A,)
+    directions = uses_text_anchor.float() + uses_image_anchor.float()  # (A,)
+    summed = (direction(text_anchor, vision_anchor, text_valid) * uses_text_anchor
+              + direction(vision_anchor, text_anchor, image_valid) * uses_image_anchor)  # (A,)
+    taking_part = directions > 0
+    per_anchor = summed[taking_part] / directions[taking_part]  # (A',)
+    reduced = _reduce(per_anchor, reduction)
+    if return_count:
+        return reduced, taking_part.sum()
+    return reduced
 
 
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:

@@ -48,14 +48,17 @@ class PMMRecItemEncoderOutput(ModelOutput):
     """
     item_embeddings: (N, d) one embedding per item (fused, or single-modality for text/vision encoders).
     text_embeddings: (N, d) masked mean of the projected text tokens (None without a text tower).
-    vision_embeddings: (N, d) mean of the projected image tokens (None without a vision tower).
+    vision_embeddings: (N, d) mean of the projected image tokens (None without a vision tower; meaningless for
+        the items that `image_mask` marks as having no image).
     last_hidden_state: (N, T + V, d) fused token states (multimodal only).
+    image_mask: (N,) bool, the `image_mask` given (None: every item has a real image).
     """
 
     item_embeddings: torch.Tensor | None = None
     text_embeddings: torch.Tensor | None = None
     vision_embeddings: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
+    image_mask: torch.Tensor | None = None
 
 
 @dataclass
@@ -675,9 +678,13 @@ class PMMRecItemEncoder(PMMRecPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         text_features: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> PMMRecItemEncoderOutput:
+        """`image_mask` (N,) bool, optional: False for an item without a real image (its `pixel_values` are a
+        placeholder). A multi-modal item encoder then leaves that item's image tokens out of the fusion (as
+        attention keys and from the mean): the item embedding comes from its text alone. The collator gives it."""
         config = self.config
         text_emb = vision_emb = fused = None
         if config.uses_text:
@@ -693,9 +700,10 @@ class PMMRecItemEncoder(PMMRecPreTrainedModel):
             vision_emb = vision_tokens.mean(1)  # (N, d)
         if config.modality == "multimodal":
             tokens = torch.cat([text_tokens, vision_tokens], dim=1)  # (N, T+V, d)
-            mask = torch.cat(
-                [text_mask, torch.ones(vision_tokens.shape[:2], dtype=torch.bool, device=tokens.device)], dim=1
-            )  # (N, T+V)
+            image_tokens = torch.ones(vision_tokens.shape[:2], dtype=torch.bool, device=tokens.device)  # (N, V)
+            if image_mask is not None:
+                image_tokens = image_tokens & image_mask.to(device=tokens.device, dtype=torch.bool)[:, None]
+            mask = torch.cat([text_mask, image_tokens], dim=1)  # (N, T+V)
             allowed = mask[:, None, None, :]  # (N, 1, 1, T+V)
             for layer in self.fusion:
                 tokens = layer(tokens, allowed)
@@ -704,7 +712,8 @@ class PMMRecItemEncoder(PMMRecPreTrainedModel):
         else:
             item_emb = text_emb if config.modality == "text" else vision_emb
         return PMMRecItemEncoderOutput(
-            item_embeddings=item_emb, text_embeddings=text_emb, vision_embeddings=vision_emb, last_hidden_state=fused
+            item_embeddings=item_emb, text_embeddings=text_emb, vision_embeddings=vision_emb, last_hidden_state=fused,
+            image_mask=image_mask,
         )
 
 
@@ -863,6 +872,7 @@ class PMMRecModel(PMMRecPreTrainedModel):
         corrupted_index: torch.Tensor | None = None,
         noise_labels: torch.Tensor | None = None,
         corrupted_item_ids: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
         return_loss: bool = True,
         return_dict: bool | None = None,
         **kwargs,
@@ -874,7 +884,7 @@ class PMMRecModel(PMMRecPreTrainedModel):
             _check_inference_index(item_index, config.user_encoder_config.max_position_embeddings)
         items = self.item_encoder(
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-            text_features=text_features, vision_features=vision_features,
+            text_features=text_features, vision_features=vision_features, image_mask=image_mask,
         )
         item_emb = _normalise_if_cosine(items.item_embeddings, config)  # (N, d)
         if not return_loss:
@@ -916,12 +926,15 @@ class PMMRecModel(PMMRecPreTrainedModel):
         if config.nicl_weight > 0 and self.nicl_text_head is not None:
             text = F.normalize(self.nicl_text_head(items.text_embeddings), dim=-1)  # (N, p)
             vision = F.normalize(self.nicl_vision_head(items.vision_embeddings), dim=-1)  # (N, p)
+            has_image = (torch.ones_like(item_ids, dtype=torch.bool) if image_mask is None
+                         else image_mask.to(device=item_ids.device, dtype=torch.bool))  # (N,)
             extra = {}
             if gather:
                 all_text, valid, offset = gather_across_processes(text)
                 if all_text.shape[0] != text.shape[0]:  # several processes: other processes' items join the pool
                     all_vision = gather_across_processes(vision)[0]
                     all_ids = gather_across_processes(item_ids)[0]
+                    all_has_image = gather_across_processes(has_image.long())[0].bool()
                     local = torch.zeros_like(valid)
                     local[offset : offset + text.shape[0]] = True
                     # local rows are matched by index inside nicl_loss: move them to the front
@@ -929,9 +942,11 @@ class PMMRecModel(PMMRecPreTrainedModel):
                     extra = dict(
                         candidate_text=all_text[order], candidate_vision=all_vision[order],
                         candidate_ids=all_ids[order], candidate_is_local=local[order], candidate_valid=valid[order],
+                        candidate_has_image=all_has_image[order],
                     )
-            total = nicl_loss(text, vision, item_index, item_ids, config.nicl_temperature, reduction="sum", **extra)
-            losses["nicl_loss"] = _mean(total, int((item_index >= 0).sum()), gather)
+            total, anchors = nicl_loss(text, vision, item_index, item_ids, config.nicl_temperature, reduction="sum",
+                                       item_has_image=has_image, return_count=True, **extra)
+            losses["nicl_loss"] = _mean(total, int(anchors), gather)
 
         corrupted = corrupted_index if corrupted_index is not None else corrupted_item_ids
         if corrupted is not None and (config.nid_weight > 0 or config.rcl_weight > 0):

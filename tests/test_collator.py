@@ -72,7 +72,8 @@ def test_batch_structure_and_reconstruction(data, tokenizer):
     collator = PMMRecCollator(data.items, tokenizer, max_length=5, max_text_length=16, image_size=IMAGE)
     rows = _rows(data, n=10)
     batch = collator(rows)
-    assert set(batch) == {"item_ids", "input_ids", "attention_mask", "pixel_values", "item_index", "item_log_popularity"}
+    assert set(batch) == {"item_ids", "input_ids", "attention_mask", "pixel_values", "image_mask", "item_index",
+                          "item_log_popularity"}
     _check_reconstruction(batch, [r["item_ids"] for r in rows], data.item_to_index, 6)
     n = len(batch["item_ids"])
     assert batch["input_ids"].shape[0] == batch["attention_mask"].shape[0] == n
@@ -154,6 +155,7 @@ def test_missing_and_undecodable_images_placeholder_counts_and_log(tokenizer, ca
         assert torch.equal(pixels[placeholder], torch.zeros(3, IMAGE, IMAGE))
     for real in (0, 4, 6):
         assert pixels[real].abs().sum() > 0
+    assert batch["image_mask"].tolist() == [True, False, False, False, True, False, True]  # placeholders marked
     assert collator.stats == {"images_missing": 4, "images_undecodable": 4}  # 2 + 2 per batch, two batches
     messages = [r.getMessage() for r in caplog.records]
     assert sum("x2" in m for m in messages) == 1 and sum("x5" in m for m in messages) == 1

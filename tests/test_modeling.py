@@ -430,3 +430,29 @@ def test_inference_forward_on_a_training_batch_is_a_clear_error():
     out = model(**{**batch, "item_index": batch["item_index"][:, :-1]}, return_loss=False)
     trained = model(**batch)
     torch.testing.assert_close(out.user_states, trained.user_states)  # the loss path's states, same inputs
+
+
+def test_items_without_an_image_are_embedded_from_their_text_and_left_out_of_nicl():
+    model = _seeded(PMMRecModel, tiny_config(nid_weight=0.3, rcl_weight=0.2)).eval()
+    batch = tiny_batch()
+    image_mask = torch.tensor([True, False, True, False, True, True])  # items 1 and 3: placeholders
+    other = dict(batch, pixel_values=batch["pixel_values"].clone())
+    other["pixel_values"][[1, 3]] = torch.randn(2, *batch["pixel_values"].shape[1:])
+    a = model(**batch, image_mask=image_mask)
+    b = model(**other, image_mask=image_mask)
+    for name in ("loss", "next_item_loss", "nicl_loss", "nid_loss", "rcl_loss", "item_embeddings"):
+        assert torch.equal(a[name], b[name]), name  # the placeholder pixels affect nothing
+    # without the mask the placeholder is an image like any other
+    assert not torch.equal(model(**batch).nicl_loss, model(**other).nicl_loss)
+    # an image-less item's embedding is the fusion of its text tokens alone
+    encoder = model.item_encoder
+    items = {k: batch[k][[1]] for k in ("input_ids", "attention_mask")}
+    text_only = encoder.text_projection(encoder._text_tokens(items["input_ids"], items["attention_mask"], None))
+    allowed = items["attention_mask"].bool()[:, None, None, :]
+    for layer in encoder.fusion:
+        text_only = layer(text_only, allowed)
+    expected = (text_only * items["attention_mask"][..., None]).sum(1) / items["attention_mask"].sum(1, keepdim=True)
+    torch.testing.assert_close(a.item_embeddings[1], expected[0], rtol=1e-5, atol=1e-6)
+    # every item without an image: NICL still has its text anchors (next item's text), and stays finite
+    none = model(**batch, image_mask=torch.zeros(6, dtype=torch.bool))
+    assert torch.isfinite(none.nicl_loss) and none.nicl_loss > 0

@@ -5,7 +5,9 @@ processed once (:func:`encode_item_inputs`, the same code the serving API and ca
 
 Image placeholder policy (see :mod:`pmmrec_hf.data.image_processing`): an item without an image, or
 whose image fails to decode, gets the all-zeros pixel tensor (the normalisation mean: a constant
-mid-grey image with the default mean = std = 0.5). Both cases are counted in ``stats``
+mid-grey image with the default mean = std = 0.5), and a multi-modal batch marks it in ``image_mask``
+(False), so that the item encoder embeds it from its text alone and NICL never treats the placeholder as
+an image. Both cases are counted in ``stats``
 (``images_missing`` / ``images_undecodable``, one count per item occurrence in a processed batch, summed
 over DataLoader worker processes); an undecodable image is logged once per item id and process, and
 never stops the run.
@@ -325,7 +327,12 @@ class ItemInputEncoder:
 
     def encode_images(self, images: Sequence[Any], item_ids: Sequence[Any] | None = None) -> torch.Tensor:
         """(n, C, H, W) pixel values; placeholders (all zeros) for missing / undecodable images."""
+        return self._encode_images(images, item_ids)[0]
+
+    def _encode_images(self, images: Sequence[Any], item_ids: Sequence[Any] | None = None):
+        """(pixel values, (n,) bool mask of the real images)."""
         loaded = self.load_images(images, item_ids)
+        mask = torch.tensor([image is not None for image in loaded], dtype=torch.bool)
         real = [i for i, image in enumerate(loaded) if image is not None]
         if real:
             processed = self._process([loaded[i] for i in real])
@@ -335,11 +342,11 @@ class ItemInputEncoder:
         else:
             processed, shape = None, self._output_shape()
         if processed is not None and len(real) == len(loaded):
-            return processed
+            return processed, mask
         pixel_values = torch.zeros((len(loaded), *shape), dtype=torch.float32)
         if processed is not None:
             pixel_values[torch.tensor(real, dtype=torch.long)] = processed
-        return pixel_values
+        return pixel_values, mask
 
     def __call__(
         self,
@@ -348,12 +355,16 @@ class ItemInputEncoder:
         item_ids: Sequence[Any] | None = None,
     ) -> dict[str, torch.Tensor]:
         """``input_ids`` + ``attention_mask`` (when texts are given and the modality uses them) and
-        ``pixel_values`` (when images are given and the modality uses them)."""
+        ``pixel_values`` (when images are given and the modality uses them); multi-modal, also ``image_mask``
+        (n,) bool, False where the image is missing or undecodable (a placeholder): the item encoder then
+        embeds that item from its text alone, and NICL leaves its image out."""
         out: dict[str, torch.Tensor] = {}
         if self.uses_text and texts is not None:
             out.update(self.encode_texts(texts))
         if self.uses_images and images is not None:
-            out["pixel_values"] = self.encode_images(images, item_ids)
+            out["pixel_values"], mask = self._encode_images(images, item_ids)
+            if self.uses_text:
+                out["image_mask"] = mask
         return out
 
 

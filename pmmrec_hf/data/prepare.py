@@ -40,11 +40,7 @@ __all__ = [
 ]
 
 # Every count written to the metadata, in the order of the pipeline (see docs/formats.md).
-COUNT_NAMES = (
-    "source_lines_read",  # sequence formats only (pmmrec_hf.data.sequences): lines / rows of the source
-    "source_lines_skipped",
-    "source_rows_merged",
-    "source_rows_conflicting",
+COUNT_NAMES = (  # (a sequence-format import adds pmmrec_hf.data.sequences.SOURCE_COUNT_NAMES first)
     "items_read",
     "items_missing_id",
     "items_duplicate",
@@ -671,7 +667,8 @@ def prepare_dataset(
             interactions = read_interactions(interactions, interactions_format, encoding=encoding)
         user_col, item_col, time_col = "user_id", "item_id", "position"
     inter = read_table(interactions, sep=interactions_sep, columns=interactions_columns, encoding=encoding)
-    counts.update(inter.attrs.get("source_counts", {}))
+    if inter.attrs.get("source_counts"):  # lines / rows of a sequence-format source, first in the counts
+        counts = {**inter.attrs["source_counts"], **counts}
     inter_label = _label(inter)
     _require_columns(inter, [user_col, item_col, time_col], "interactions")
     counts["interactions_read"] = len(inter)
