@@ -107,7 +107,7 @@ def main(argv=None) -> dict:
                                      repeated_targets=args.repeated_targets)
         accelerator.print(f"setting {args.setting}; most-popular hr@10 {popular['hr@10']:.4f}")
     summary = train(train_model, data.train, collator, config, eval_rows=data.eval_rows, accelerator=accelerator,
-                    save_fn=save)
+                    save_fn=save, batch_sampler=data.batch_sampler(args, accelerator.num_processes))
     if accelerator.is_main_process and summary["eval_history"]:
         accelerator.print(json.dumps({"setting": args.setting, "final": summary["eval_history"][-1]}, indent=1))
     return summary

@@ -66,6 +66,7 @@ def main(argv=None) -> dict:
     summary = train(
         model, data.train, collator, config, eval_rows=data.eval_rows, accelerator=accelerator,
         save_fn=lambda m, out: save_pmmrec_outputs(m, out, tokenizer, image_processor),
+        batch_sampler=data.batch_sampler(args, accelerator.num_processes),
     )
     if accelerator.is_main_process and not summary["stopped"]:
         summary["popularity"] = popular

@@ -23,8 +23,16 @@ SYNTHETIC = "synthetic"
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default=SYNTHETIC,
-                       help="'synthetic' (built in, the default), a prepared folder (pmmrec-prepare) or a Hub dataset id")
+    group.add_argument("--dataset", nargs="+", default=[SYNTHETIC],
+                       help="'synthetic' (built in, the default), a prepared folder (pmmrec-prepare) or a Hub dataset id; "
+                            "several: pre-train on all of them (ids prefixed per platform, see --mixture-*)")
+    group.add_argument("--mixture-sampling", default="proportional", choices=["proportional", "uniform", "temperature"],
+                       help="several datasets: which platform the next training row comes from (proportional to its "
+                            "users; uniform; or proportional to users ** (1 / --mixture-temperature))")
+    group.add_argument("--mixture-temperature", type=float, default=2.0)
+    group.add_argument("--mixture-batches", default="mixed", choices=["mixed", "per-platform"],
+                       help="several datasets: batches mix platforms, or every step (all processes) holds one "
+                            "platform's users, so in-batch negatives are items of the user's own platform")
     group.add_argument("--streaming", action="store_true", help="stream the training split (datasets streaming=True)")
     group.add_argument("--eval-split", default="validation", choices=["validation", "test"])
     group.add_argument("--repeated-targets", default="rank", choices=["rank", "miss"],
@@ -140,11 +148,27 @@ class LoadedData:
     eval_rows: list
     train_counts: list[int]
     name: str
+    mixture: Any = None  # pmmrec_hf.data.mixture.DatasetMixture when several datasets are mixed
+
+    def batch_sampler(self, args: argparse.Namespace, num_processes: int = 1):
+        """The per-platform batch sampler asked for by --mixture-batches (None for mixed batches)."""
+        if self.mixture is None or getattr(args, "mixture_batches", "mixed") == "mixed":
+            return None
+        from .data.mixture import PlatformBatchSampler
+
+        if self.mixture.row_platform is None:
+            raise ValueError("--mixture-batches per-platform needs map-style data: drop --streaming.")
+        return PlatformBatchSampler(self.mixture.row_platform, args.batch_size, self.mixture.probabilities,
+                                    group=num_processes)
 
 
 def load_data(args: argparse.Namespace, process_index: int = 0, num_processes: int = 1) -> LoadedData:
     """The training split (sharded per process when streaming), the evaluation rows and the item table."""
-    if args.dataset == SYNTHETIC:
+    datasets_given = [args.dataset] if isinstance(args.dataset, str) else list(args.dataset)
+    if len(datasets_given) > 1:
+        return _load_mixture(args, datasets_given, process_index, num_processes)
+    dataset = datasets_given[0]
+    if dataset == SYNTHETIC:
         from .data.synthetic import make_synthetic_dataset
 
         data = make_synthetic_dataset(num_items=args.synthetic_items, num_users=args.synthetic_users,
@@ -153,11 +177,11 @@ def load_data(args: argparse.Namespace, process_index: int = 0, num_processes: i
     else:
         from .data.format import load_items, load_prepared, shard_for_process
 
-        items, _ = load_items(args.dataset, decode_images=False)
-        splits = load_prepared(args.dataset)
+        items, _ = load_items(dataset, decode_images=False)
+        splits = load_prepared(dataset)
         eval_split = splits[args.eval_split]
         if args.streaming:
-            stream = load_prepared(args.dataset, streaming=True, split="train")
+            stream = load_prepared(dataset, streaming=True, split="train")
             train = shard_for_process(stream, process_index, num_processes, seed=args.seed)
         else:
             train = splits["train"]
@@ -170,7 +194,33 @@ def load_data(args: argparse.Namespace, process_index: int = 0, num_processes: i
     if args.max_eval_users is not None:
         eval_rows = eval_rows[: args.max_eval_users]
     counts = list(items["train_count"])
-    return LoadedData(items=items, train=train, eval_rows=eval_rows, train_counts=counts, name=str(args.dataset))
+    return LoadedData(items=items, train=train, eval_rows=eval_rows, train_counts=counts, name=str(dataset))
+
+
+def _load_mixture(args: argparse.Namespace, folders: list[str], process_index: int, num_processes: int) -> LoadedData:
+    """Several prepared datasets mixed (``pmmrec_hf.data.mixture``); evaluation on every platform's users."""
+    from .data.format import shard_for_process, subset_users
+    from .data.mixture import mix_prepared
+
+    if SYNTHETIC in folders:
+        raise ValueError("--dataset: the built-in 'synthetic' dataset cannot be mixed; prepare it to a folder first "
+                         "(pmmrec_hf.data.make_synthetic_dataset(..., output_dir=...)).")
+    mixture = mix_prepared(folders, sampling=args.mixture_sampling, temperature=args.mixture_temperature,
+                           seed=args.seed, streaming=args.streaming)
+    logger.info("Mixing %s", mixture.describe())
+    train = mixture.train
+    if getattr(args, "train_fraction", 1.0) != 1.0:
+        train = subset_users(train, args.train_fraction, seed=getattr(args, "train_fraction_seed", 0))
+        if mixture.row_platform is not None:
+            mixture.row_platform = list(train["platform"])
+    if args.streaming:
+        train = shard_for_process(train, process_index, num_processes, seed=args.seed)
+    eval_split = mixture.validation if args.eval_split == "validation" else mixture.test
+    eval_rows = [dict(row) for row in eval_split]
+    if args.max_eval_users is not None:
+        eval_rows = eval_rows[: args.max_eval_users]
+    return LoadedData(items=mixture.items, train=train, eval_rows=eval_rows,
+                      train_counts=list(mixture.items["train_count"]), name=" + ".join(mixture.names), mixture=mixture)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -292,9 +292,12 @@ def popularity_metrics(train_counts: Sequence[int], rows: Iterable[Any], item_ta
 # --------------------------------------------------------------------------------------------------
 
 
-def _epoch_loader(dataset, collator, config: TrainingConfig, generator: torch.Generator):
+def _epoch_loader(dataset, collator, config: TrainingConfig, generator: torch.Generator, batch_sampler=None):
     from torch.utils.data import DataLoader, RandomSampler
 
+    if batch_sampler is not None:  # e.g. PlatformBatchSampler: it draws from the loop's (per-epoch seeded) generator
+        batch_sampler.generator = generator
+        return DataLoader(dataset, batch_sampler=batch_sampler, collate_fn=collator, num_workers=config.num_workers)
     return DataLoader(
         dataset,
         batch_size=config.batch_size,
@@ -405,6 +408,7 @@ def train(
     save_fn=None,
     feature_cache=None,
     on_evaluate=None,
+    batch_sampler=None,
 ) -> dict[str, Any]:
     """Train `model` on `train_dataset` rows with Accelerate; evaluate on `eval_rows`; checkpoint and resume.
 
@@ -415,6 +419,9 @@ def train(
     inputs (input_ids / attention_mask / pixel_values) are then replaced by ``feature_cache.lookup(item_ids)``
     before the forward pass, and evaluation embeds the catalogue from it, so the towers' frozen blocks are
     never recomputed (a ``modality="ids"`` collator avoids tokenising and decoding images at all).
+    `batch_sampler`: a batch sampler over a map-style `train_dataset` instead of shuffled batches of
+    `config.batch_size` (e.g. ``pmmrec_hf.data.PlatformBatchSampler``, one platform per step); its
+    ``generator`` is set to the loop's, seeded ``seed + epoch`` every epoch.
     `on_evaluate(step, metrics, model, item_embeddings)`: called on every process after each evaluation of
     `eval_rows`, with the unwrapped model in eval mode and the catalogue embeddings the metrics were computed
     from (e.g. to keep the best checkpoint, or to score a second split at the same step without embedding the
@@ -449,8 +456,11 @@ def train(
     if streaming and config.num_epochs is not None:
         raise ValueError("`num_epochs` needs a dataset of known length; give `max_steps` for streaming data.")
     steps_per_epoch = None
+    if batch_sampler is not None and streaming:
+        raise ValueError("`batch_sampler` needs a map-style training dataset (not a streaming one).")
     if not streaming:
-        per_process = math.ceil(len(train_dataset) / config.batch_size / accelerator.num_processes)
+        batches = len(batch_sampler) if batch_sampler is not None else math.ceil(len(train_dataset) / config.batch_size)
+        per_process = math.ceil(batches / accelerator.num_processes)
         steps_per_epoch = max(per_process // accumulation, 1)
     max_steps = config.max_steps if config.num_epochs is None else config.num_epochs * steps_per_epoch
 
@@ -468,7 +478,7 @@ def train(
     generator = torch.Generator()
     loader = None
     if not streaming:
-        loader = accelerator.prepare(_epoch_loader(train_dataset, collator, config, generator))
+        loader = accelerator.prepare(_epoch_loader(train_dataset, collator, config, generator, batch_sampler))
 
     state = _RunState(eval_history=[], log_history=[])
     resume = config.resume_from_checkpoint

@@ -182,3 +182,19 @@ def test_distributed_evaluation_and_catalogue_equal_one_process_exactly(tmp_path
     for rank in range(2):
         for key in ("catalogue", "from_iterable", "item_ids"):
             assert two[rank]["summary"][key] == one[0]["summary"][key], key
+
+
+def test_per_platform_batches_put_one_platform_in_every_step_of_two_processes(tmp_path):
+    from pmmrec_hf.data import make_synthetic_dataset
+
+    make_synthetic_dataset(num_items=30, num_users=40, seed=0, output_dir=tmp_path / "shop")
+    make_synthetic_dataset(num_items=20, num_users=24, seed=1, output_dir=tmp_path / "books", missing_image_rate=1.0)
+    args = ["--dataset", str(tmp_path / "shop"), str(tmp_path / "books"), "--mixture-batches", "per-platform",
+            "--hidden-size", "16", "--image-size", "16", "--batch-size", "4", "--max-steps", "6", "--eval-steps", "0",
+            "--max-eval-users", "16", "--report-to", "none", "--output-dir", str(tmp_path / "out")]
+    two = launch(2, tmp_path / "rec", "pretrain", args, tmp_path)
+    steps = list(zip(two[0]["seen"]["batches"], two[1]["seen"]["batches"]))
+    assert len(steps) == 6
+    platforms = [({i >= 30 for i in a}, {i >= 30 for i in b}) for a, b in steps]  # item rows 30.. are books
+    assert all(len(a) == 1 and a == b for a, b in platforms)  # one platform per batch, the same on both processes
+    assert {next(iter(a)) for a, _ in platforms} == {False, True}  # both platforms drawn

@@ -27,6 +27,7 @@ from .prepare import (
 )
 from .presets import PRESETS, Preset, prepare_preset, preset_kwargs
 from .sequences import INTERACTION_FORMATS, read_sequence_benchmark, read_user_sequences
+from .mixture import SAMPLING_POLICIES, DatasetMixture, PlatformBatchSampler, mix_prepared, platform_probabilities
 from .collator import ItemInputEncoder, ItemTable, PMMRecCollator, PMMRecEvalCollator, encode_item_inputs
 from .corruption import corrupt_sequences
 from .image_processing import PMMRecImageTransform, is_missing_image, load_image
@@ -43,6 +44,7 @@ __all__ = [
     "DEFAULT_MAX_LENGTH",
     "DEFAULT_MAX_ROWS_PER_FILE",
     "DEFAULT_MIN_LENGTH",
+    "DatasetMixture",
     "INTERACTION_FORMATS",
     "ITEMS_FILE",
     "ItemInputEncoder",
@@ -52,8 +54,10 @@ __all__ = [
     "PMMRecEvalCollator",
     "PMMRecImageTransform",
     "PRESETS",
+    "PlatformBatchSampler",
     "PrepareResult",
     "Preset",
+    "SAMPLING_POLICIES",
     "SPLITS",
     "SYNTHETIC_VOCABULARY",
     "SyntheticDataset",
@@ -67,6 +71,8 @@ __all__ = [
     "load_items",
     "load_prepared",
     "make_synthetic_dataset",
+    "mix_prepared",
+    "platform_probabilities",
     "prepare_dataset",
     "prepare_preset",
     "preset_kwargs",
