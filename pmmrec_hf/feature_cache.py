@@ -47,9 +47,9 @@ from .modeling_pmmrec import find_blocks
 
 __all__ = ["FeatureCache", "FeatureCacheMismatchError", "compute_fingerprint"]
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2  # 2: image_missing (items whose image is a placeholder)
 METADATA_FILE = "feature_cache.json"
-_ARRAYS = ("text_features", "text_mask", "vision_features", "filled")
+_ARRAYS = ("text_features", "text_mask", "vision_features", "image_missing", "filled")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -329,6 +329,7 @@ class FeatureCache:
             cache._arrays["vision_features"] = cache._open_array(
                 "vision_features", (cache.num_items, *cache.vision_shape), cache._numpy_dtype, mode=mode
             )
+            cache._arrays["image_missing"] = cache._open_array("image_missing", (cache.num_items,), np.bool_, mode=mode)
         if item_encoder is not None:
             prime_item_encoder(item_encoder)
         return cache.to_memory(device) if in_memory else cache
@@ -427,7 +428,8 @@ class FeatureCache:
                      "text_mask": ((self.num_items, self.text_length), "mask")}
         else:
             self.vision_shape = (int(shape[0]), int(shape[1]))
-            specs = {"vision_features": ((self.num_items, *self.vision_shape), "features")}
+            specs = {"vision_features": ((self.num_items, *self.vision_shape), "features"),
+                     "image_missing": ((self.num_items,), "mask")}  # True: a placeholder image (image_mask False)
         for name, (full_shape, role) in specs.items():
             if self.path is not None:
                 dtype = self._numpy_dtype if role == "features" else np.bool_
@@ -465,8 +467,10 @@ class FeatureCache:
         text_features: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         vision_features: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
     ) -> None:
-        """Store frozen features for `item_ids` (N,): text (N, T', H) + mask (N, T'), vision (N, V, H).
+        """Store frozen features for `item_ids` (N,): text (N, T', H) + mask (N, T'), vision (N, V, H), and
+        `image_mask` (N,) (False: the vision features are a placeholder's; default: every image is real).
 
         Texts shorter than the cache's length T are padded (zeros, mask 0); longer ones are accepted only when
         the extra positions are padding (mask 0): tokenise with `max_length` = the item encoder's
@@ -521,6 +525,8 @@ class FeatureCache:
                     f"vision features of shape {tuple(vision_features.shape[1:])}, the cache holds {self.vision_shape}."
                 )
             self._store("vision_features", ids, vision_features)
+            missing = torch.zeros(ids.numel(), dtype=torch.bool) if image_mask is None else ~image_mask.bool().cpu()
+            self._store("image_missing", ids, missing)
         if isinstance(self._filled, torch.Tensor):
             self._filled[ids.to(self._filled.device)] = True
         else:
@@ -537,7 +543,7 @@ class FeatureCache:
             total = len(source["item_ids"])
             for start in range(0, total, batch_size):
                 yield {k: v[start : start + batch_size] for k, v in source.items()
-                       if k in ("item_ids", "input_ids", "attention_mask", "pixel_values") and v is not None}
+                       if k in ("item_ids", "input_ids", "attention_mask", "pixel_values", "image_mask") and v is not None}
 
     def build(
         self,
@@ -596,6 +602,8 @@ class FeatureCache:
                     if "pixel_values" not in chunk:
                         raise ValueError("Building a vision cache needs `pixel_values`.")
                     features["vision_features"] = item_encoder.vision_frozen_features(chunk["pixel_values"].to(device))
+                    if chunk.get("image_mask") is not None:
+                        features["image_mask"] = chunk["image_mask"]
             self.add(ids, **features)
             done += ids.numel()
             if progress:
@@ -634,7 +642,7 @@ class FeatureCache:
         """Features of `item_ids` (N,), ready for the model in place of input_ids / pixel_values.
 
         Returns `text_features` (N, T, H_text), `attention_mask` (N, T) long and `vision_features`
-        (N, V, H_vision) (only the modalities the cache holds), on `device` (default: the cache's) in `dtype`
+        (N, V, H_vision) (only the modalities the cache holds; multi-modal, also `image_mask` (N,) bool), on `device` (default: the cache's) in `dtype`
         (default float32, the dtype the backbones compute in; None keeps the stored dtype). An id may appear
         several times. `trim=True` drops trailing text positions that are padding for every looked-up item
         (exact, saves compute for short titles). `check=False` skips the "all ids stored" check (a device sync).
@@ -668,6 +676,8 @@ class FeatureCache:
                 raise KeyError("The feature cache holds no vision features yet.")
             features = self._fetch("vision_features", ids, device)
             out["vision_features"] = features.to(dtype) if dtype is not None else features
+            if self.uses_text:  # multi-modal: which items have a real image (see PMMRecItemEncoder.forward)
+                out["image_mask"] = ~self._fetch("image_missing", ids, device).bool()
         return out
 
     def text_lengths(self, item_ids) -> torch.Tensor:

@@ -146,7 +146,7 @@ def test_memmap_cache_equals_in_memory_cache(tmp_path):
     mapped = _built_cache(model.item_encoder, catalogue, path=tmp_path / "fp32")
     ids = torch.tensor([5, 0, 19, 5])
     a, b = memory.lookup(ids), mapped.lookup(ids)
-    assert a.keys() == b.keys() == {"text_features", "attention_mask", "vision_features"}
+    assert a.keys() == b.keys() == {"text_features", "attention_mask", "vision_features", "image_mask"}
     for key in a:
         assert torch.equal(a[key], b[key]), key
     # reopened from disk into a fresh model (another process would do this): same embeddings, no raw forward
@@ -306,3 +306,21 @@ def test_errors_are_clear():
     prime_item_encoder(primed)
     assert torch.equal(fresh(**cache.lookup([0])).item_embeddings, primed(**cache.lookup([0])).item_embeddings)
     assert fresh.text_tower._stem_names == primed.text_tower._stem_names
+
+
+def test_the_cache_keeps_which_images_are_placeholders(tmp_path):
+    model = _model().eval()
+    catalogue = _catalogue()
+    with_mask = dict(catalogue, image_mask=torch.arange(NUM_ITEMS) % 3 != 0)  # every third item: no image
+    for path in (None, tmp_path / "mapped"):
+        cache = FeatureCache.create(model.item_encoder, NUM_ITEMS, path=path)
+        cache.build(model.item_encoder, with_mask, batch_size=7)
+        if path is not None:
+            cache = FeatureCache.load(path, model.item_encoder)
+        ids = torch.tensor([0, 1, 3, 4])
+        looked_up = cache.lookup(ids)
+        assert looked_up["image_mask"].tolist() == [False, True, False, True]
+        # the cached path embeds a placeholder item from its text, exactly as the raw path does
+        raw = {k: v[ids] for k, v in with_mask.items() if k != "item_ids"}
+        torch.testing.assert_close(model.item_encoder(**looked_up).item_embeddings,
+                                   model.item_encoder(**raw).item_embeddings, atol=1e-6, rtol=1e-5)
