@@ -3,7 +3,8 @@
 
     python examples/pretrain.py                      # built-in synthetic dataset, a minute or two on a CPU
     accelerate launch examples/pretrain.py --dataset data/ml-100k --text-model ... --vision-model ...
-    accelerate launch --num_processes 2 examples/pretrain.py   # in-batch negatives gathered across processes
+    accelerate launch --multi_gpu --num_processes 2 examples/pretrain.py   # 2 GPUs, or 2 CPU processes without GPUs
+    python examples/pretrain.py --dataset data/ml-1m data/beauty --mixture-sampling temperature   # several platforms
 
 Writes <output-dir>/model (full model), <output-dir>/item_encoder and <output-dir>/user_encoder
 (each loadable with from_pretrained), checkpoints under <output-dir>/checkpoints, TensorBoard logs.
