@@ -105,6 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-text-length", type=int, default=None)
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--trainable-layers", type=int, default=None, help="top tower blocks that train")
+    parser.add_argument("--tower-learning-rate", type=float, default=None,
+                        help="learning rate of the towers' trainable blocks (default: the row's lr from the grid)")
     parser.add_argument("--similarity", choices=("dot", "cosine"), default="cosine",
                         help="next-item scoring of every model, SASRec included "
                              "(see PMMRecConfig.next_item_similarity)")
@@ -287,11 +289,12 @@ class MapCache:
         self.cache, self.map_shape = cache, map_shape
         self.num_items = cache.num_items
 
-    def add(self, ids, text_features=None, text_mask=None, vision_features=None):
+    def add(self, ids, text_features=None, text_mask=None, vision_features=None, image_mask=None):
         if vision_features is not None and vision_features.dim() == 4:
             self.map_shape = tuple(vision_features.shape[1:])
             vision_features = vision_features.flatten(2)
-        self.cache.add(ids, text_features=text_features, text_mask=text_mask, vision_features=vision_features)
+        self.cache.add(ids, text_features=text_features, text_mask=text_mask, vision_features=vision_features,
+                       image_mask=image_mask)
 
     def lookup(self, item_ids, device=None, **kwargs):
         out = self.cache.lookup(item_ids, device=device, **kwargs)
@@ -322,6 +325,8 @@ def build_cache(args, name, data, item_encoder, tokenizer) -> tuple[MapCache, fl
                 features["text_mask"] = inputs["attention_mask"]
             if encoder.uses_images:
                 features["vision_features"] = item_encoder.vision_frozen_features(inputs["pixel_values"])
+                # items without a real image: embedded from their text (never a placeholder image in NICL)
+                features["image_mask"] = inputs.get("image_mask")
             cache.add(torch.tensor(indices), **features)
     seconds = time.perf_counter() - start
     logger.info("feature cache %s: %d items in %.1fs (%.1f items/s)", name, len(table), seconds, len(table) / seconds)
@@ -336,7 +341,8 @@ def build_cache(args, name, data, item_encoder, tokenizer) -> tuple[MapCache, fl
 def training_config(args, steps, lr, seed, out, eval_steps=0) -> TrainingConfig:
     return TrainingConfig(output_dir=out, batch_size=args.batch_size, learning_rate=lr, max_steps=steps,
                           eval_steps=eval_steps, logging_steps=max(steps // 5, 1), seed=seed, report_to="none", ks=KS,
-                          weight_decay=0.1, repeated_targets=PROTOCOL["repeated_targets"])
+                          weight_decay=0.1, repeated_targets=PROTOCOL["repeated_targets"],
+                          tower_learning_rate=getattr(args, "tower_learning_rate", None))
 
 
 def fit_and_evaluate(model, data, collator, cache, config) -> tuple[dict, dict, float]:

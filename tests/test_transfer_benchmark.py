@@ -161,3 +161,30 @@ def test_readme_table_is_the_committed_run():
                              printed[("amazon-office", setting)]["hr@10"],
                              printed[("amazon-office", setting)]["ndcg@10"]]
     assert (repo / "docs" / "transfer_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_benchmark_cache_marks_items_without_an_image(tmp_path):
+    import argparse
+
+    import torch
+
+    from pmmrec_hf import PMMRecItemEncoder
+    from pmmrec_hf.data import load_items, make_synthetic_dataset
+    from pmmrec_hf.data.image_processing import is_missing_image
+    from pmmrec_hf.data.synthetic import synthetic_tokenizer
+    from tiny_models import tiny_item_config
+
+    bench = _load_script()
+    make_synthetic_dataset(num_items=12, num_users=20, seed=0, output_dir=tmp_path / "d", image_size=30,
+                           missing_image_rate=0.5)
+    items, _ = load_items(tmp_path / "d", decode_images=False)
+    from tiny_models import tiny_text_config
+
+    torch.manual_seed(0)
+    tokenizer = synthetic_tokenizer()
+    encoder = PMMRecItemEncoder(tiny_item_config(text_config=tiny_text_config(vocab_size=len(tokenizer)),
+                                                 text_trainable_layers=1, vision_trainable_layers=1))
+    cache, _ = bench.build_cache(argparse.Namespace(max_length=8), "d", {"items": items}, encoder, tokenizer)
+    has_image = [not is_missing_image(v) for v in items["image"]]
+    assert 0 < sum(has_image) < 12
+    assert cache.lookup(torch.arange(12))["image_mask"].tolist() == has_image
