@@ -370,8 +370,17 @@ def _checkpoint_steps(output_dir: str) -> list[int]:
 
 
 def _latest_checkpoint(output_dir: str) -> str | None:
+    """The newest complete checkpoint; folders that are not one (no trainer_state.json, written last: an
+    interrupted save; or a name that is not step_<N>) are skipped with a warning naming them."""
     steps = _checkpoint_steps(output_dir)
-    return str(Path(output_dir) / "checkpoints" / f"{CHECKPOINT_PREFIX}{steps[-1]}") if steps else None
+    folder = Path(output_dir) / "checkpoints"
+    if folder.is_dir():
+        complete = {f"{CHECKPOINT_PREFIX}{step}" for step in steps}
+        skipped = sorted(p.name for p in folder.iterdir() if p.name not in complete)
+        if skipped:
+            logger.warning("Resuming from the newest complete checkpoint; skipped in %s (incomplete or not a "
+                           "checkpoint): %s", folder, ", ".join(skipped))
+    return str(folder / f"{CHECKPOINT_PREFIX}{steps[-1]}") if steps else None
 
 
 TRAINER_STATE = "trainer_state.json"

@@ -182,3 +182,21 @@ def test_accelerate_launch_settings_are_honoured_unless_the_script_is_given_its_
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     assert {k: state[k] for k in expected} == expected
     assert state["num_processes"] == 1 and state["global_step"] == 2
+
+
+def test_latest_skips_incomplete_and_foreign_checkpoint_folders(data, tmp_path, caplog):
+    import logging
+    import shutil
+
+    collator, rows, _ = data
+    train(_model(collator), rows, collator, _config(tmp_path, save_steps=2, max_steps=4, stop_after_steps=4))
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step_4" / "trainer_state.json").unlink()  # as if killed while saving step 4
+    shutil.copytree(checkpoints / "step_2", checkpoints / "step_8.old")
+    with caplog.at_level(logging.INFO, logger="pmmrec_hf.training"):
+        resumed = train(_model(collator), rows, collator, _config(tmp_path, save_steps=2, max_steps=4,
+                                                                  resume_from_checkpoint="latest"))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("skipped" in m and "step_4, step_8.old" in m for m in messages)
+    assert any(m.startswith("Resumed from") and m.endswith(f"{checkpoints / 'step_2'} at step 2") for m in messages)
+    assert resumed["global_step"] == 4 and [e["step"] for e in resumed["log_history"]] == [1, 2, 3, 4]
