@@ -416,6 +416,14 @@ class PMMRecPreTrainedModel(PreTrainedModel):
                 check_component(pretrained_model_name_or_path, cls.config_class.model_type, **kwargs)
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
+        # a diverged run's weights must not load silently (every recommendation from them would be NaN)
+        named = list(model.named_parameters()) + list(model.named_buffers())
+        bad = [n for n, t in named if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: {len(bad)} weight tensor(s) hold NaN or inf ({', '.join(bad[:5])}); "
+                "the checkpoint comes from a diverged run."
+            )
         # loading re-creates parameters: restore the frozen / trainable split the config defines
         if hasattr(model, "apply_freezing"):
             model.apply_freezing()

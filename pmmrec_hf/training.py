@@ -594,6 +594,7 @@ def train(
         learning_rates = [group["lr"] for group in optimizer.param_groups]
         with accelerator.accumulate(model):
             outputs = model(**batch)
+            _check_finite_loss(outputs, step + 1)
             accelerator.backward(outputs.loss)
             if not checked_gradients:
                 _check_every_trainable_parameter_has_a_gradient(model, accelerator)
@@ -645,6 +646,12 @@ def train(
         _load_model_weights(final, state.best_checkpoint)
         logger.info("Loaded the best model (step %d, %s %.4f) from %s", state.best_step,
                     config.metric_for_best_model, state.best_metric, state.best_checkpoint)
+    non_finite = non_finite_parameters(final)
+    if non_finite:
+        raise FloatingPointError(
+            f"Training ended with non-finite weights in {len(non_finite)} tensor(s) ({', '.join(non_finite[:5])}): "
+            f"not saving the model to {output_dir}."
+        )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (save_fn or _save_pretrained)(final, str(output_dir))
@@ -660,6 +667,29 @@ def train(
             "num_processes": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision),
             "train_seconds": train_seconds, "eval_seconds": timing["eval_seconds"],
             "collator_stats": dict(getattr(collator, "stats", {}))}
+
+
+def _check_finite_loss(outputs, step: int) -> None:
+    """Stop at the first non-finite loss, naming the step and the components (the loss is finite in a healthy
+    run under every precision here: logits are fp32), instead of training on and saving NaN weights."""
+    loss = outputs.loss
+    if loss is None or bool(torch.isfinite(loss.detach())):
+        return
+    parts = []
+    for name in LOSS_NAMES[1:]:
+        value = outputs.get(name) if hasattr(outputs, "get") else getattr(outputs, name, None)
+        if value is not None:
+            parts.append(f"{name} {float(value.detach()):g}")
+    raise FloatingPointError(
+        f"Training diverged: the loss is {float(loss.detach()):g} at step {step} ({', '.join(parts)}). Lower the "
+        "learning rate (or set --max-grad-norm), and check the inputs for NaN/inf (pixel values, features)."
+    )
+
+
+def non_finite_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers of `model` holding NaN or inf."""
+    named = list(model.named_parameters()) + list(model.named_buffers())
+    return [name for name, tensor in named if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
 
 
 def _mean_over_processes(running: dict[str, list[float]], accelerator) -> dict[str, float]:

@@ -200,3 +200,35 @@ def test_latest_skips_incomplete_and_foreign_checkpoint_folders(data, tmp_path, 
     assert any("skipped" in m and "step_4, step_8.old" in m for m in messages)
     assert any(m.startswith("Resumed from") and m.endswith(f"{checkpoints / 'step_2'} at step 2") for m in messages)
     assert resumed["global_step"] == 4 and [e["step"] for e in resumed["log_history"]] == [1, 2, 3, 4]
+
+
+def test_divergence_stops_training_and_nothing_is_saved(data, tmp_path):
+    collator, rows, _ = data
+    with pytest.raises(FloatingPointError, match=r"Training diverged: the loss is (nan|inf) at step \d+ "
+                                                 r"\(next_item_loss (nan|inf)\)"):
+        train(_model(collator), rows, collator, _config(tmp_path, learning_rate=1e6, max_steps=40, eval_steps=0))
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_a_checkpoint_with_non_finite_weights_does_not_load(data, tmp_path):
+    collator, _, _ = data
+    model = _model(collator)
+    with torch.no_grad():
+        model.user_encoder.layers[0].ffn_output.weight[0, 0] = float("nan")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"1 weight tensor\(s\) hold NaN or inf \(user_encoder.layers.0.ffn_output"):
+        SASRecModel.from_pretrained(tmp_path)
+
+
+def test_one_nan_pixel_is_caught_at_the_step_it_enters():
+    from pmmrec_hf import PMMRecModel
+    from pmmrec_hf.training import _check_finite_loss
+    from tiny_models import tiny_batch, tiny_config
+
+    torch.manual_seed(0)
+    model = PMMRecModel(tiny_config())
+    batch = tiny_batch()
+    _check_finite_loss(model(**batch), 1)  # a healthy batch passes
+    batch["pixel_values"][2, 0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"the loss is nan at step 7 \(next_item_loss nan, nicl_loss nan"):
+        _check_finite_loss(model(**batch), 7)
