@@ -417,8 +417,8 @@ class PMMRecPreTrainedModel(PreTrainedModel):
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         # a diverged run's weights must not load silently (every recommendation from them would be NaN)
-        named = list(model.named_parameters()) + list(model.named_buffers())
-        bad = [n for n, t in named if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all())]
+        # (parameters only: some backbones keep -inf in buffers, e.g. attention masks)
+        bad = [n for n, t in model.named_parameters() if not t.is_meta and not bool(torch.isfinite(t).all())]
         if bad:
             raise ValueError(
                 f"{pretrained_model_name_or_path}: {len(bad)} weight tensor(s) hold NaN or inf ({', '.join(bad[:5])}); "

@@ -687,9 +687,9 @@ def _check_finite_loss(outputs, step: int) -> None:
 
 
 def non_finite_parameters(model: nn.Module) -> list[str]:
-    """Names of the parameters and buffers of `model` holding NaN or inf."""
-    named = list(model.named_parameters()) + list(model.named_buffers())
-    return [name for name, tensor in named if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    """Names of the parameters of `model` holding NaN or inf (buffers are not checked: some backbones keep
+    -inf in them, e.g. attention masks)."""
+    return [name for name, tensor in model.named_parameters() if not bool(torch.isfinite(tensor).all())]
 
 
 def _mean_over_processes(running: dict[str, list[float]], accelerator) -> dict[str, float]:
