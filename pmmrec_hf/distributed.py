@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["batch_ranges", "my_batches", "gather_batches", "map_batches"]
+__all__ = ["batch_ranges", "gather_batches", "map_batches"]
 
 
 def batch_ranges(count: int, batch_size: int) -> list[range]:
@@ -29,16 +29,10 @@ def _processes(accelerator) -> tuple[int, int]:
     return accelerator.process_index, accelerator.num_processes
 
 
-def my_batches(count: int, batch_size: int, accelerator=None) -> list[range]:
-    """The batches (row ranges) this process computes: batch k goes to process k % N (all with one process)."""
-    rank, world = _processes(accelerator)
-    return batch_ranges(count, batch_size)[rank::world]
-
-
 def gather_batches(local: torch.Tensor, count: int, batch_size: int, accelerator=None) -> torch.Tensor:
     """Reassemble per-process results in row order.
 
-    `local` holds the rows of this process's batches (``my_batches``) concatenated, on the accelerator's
+    `local` holds the rows of this process's batches (batch k on process k % N) concatenated, on the accelerator's
     device; returns all `count` rows, in order, on every process (a tensor collective: every process must
     call it). With one process (or none) returns `local`.
     """

@@ -117,13 +117,9 @@ def next_item_loss(
     more than once) count once: every copy after the first is masked and the positive is mapped to the
     first copy, so the loss does not depend on how the batch was split into distinct items.
     """
-    num_candidates = candidate_ids.shape[0]
-    columns = torch.arange(num_candidates, device=candidate_ids.device)  # (C,)
-    if candidate_valid is not None:
-        # padding rows of a gather must never be the "first copy" of a real id: give each its own id,
-        # below every real one (real ids are compared as they are; padding rows become unique negatives)
-        floor = candidate_ids.min() if num_candidates else candidate_ids.new_zeros(())
-        candidate_ids = torch.where(candidate_valid, candidate_ids, floor - 1 - columns)  # (C,)
+    columns = torch.arange(candidate_ids.shape[0], device=candidate_ids.device)  # (C,)
+    # padding rows of a gather must never be the "first copy" of a real id (they become unique negatives)
+    candidate_ids = _unique_ids_at_padding(candidate_ids, candidate_valid)  # (C,)
     canonical = first_occurrence_index(candidate_ids)  # (C,)
     is_first = canonical == columns  # (C,)
     if candidate_valid is not None:
@@ -139,6 +135,15 @@ def next_item_loss(
     logits = logits.masked_fill(masked, torch.finfo(logits.dtype).min)  # (P, C)
     losses = F.cross_entropy(logits, target_canonical, reduction="none")  # (P,)
     return _reduce(losses, reduction)
+
+
+def _unique_ids_at_padding(ids: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """`ids` (C,) with every invalid row (False in `valid`, e.g. the padding of a gather) given an id of its own,
+    below every id in `ids`, so that no invalid row ever matches a real id (or another invalid row)."""
+    if valid is None or ids.numel() == 0:
+        return ids
+    columns = torch.arange(ids.shape[0], device=ids.device)
+    return torch.where(valid, ids, ids.min() - 1 - columns)
 
 
 def similarity_logits(query: torch.Tensor, keys: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -339,10 +344,7 @@ def rcl_loss(
 def rows_of_ids(ids: torch.Tensor, pool_ids: torch.Tensor, pool_valid: torch.Tensor | None = None) -> torch.Tensor:
     """For every id of `ids` (any shape, -1 = padding), the first valid row of `pool_ids` (C,) holding it;
     -1 stays -1. Raises a ValueError naming the ids that are not in the pool."""
-    columns = torch.arange(pool_ids.shape[0], device=pool_ids.device)
-    keys = pool_ids if pool_valid is None else torch.where(
-        pool_valid, pool_ids, (pool_ids.max() if pool_ids.numel() else pool_ids.new_zeros(())) + 1 + columns
-    )  # (C,) invalid rows get ids no query has
+    keys = _unique_ids_at_padding(pool_ids, pool_valid)  # (C,) invalid rows match no real id
     order = torch.sort(keys, stable=True).indices  # equal ids keep row order: the first row comes first
     sorted_keys = keys[order]
     flat = ids.reshape(-1)

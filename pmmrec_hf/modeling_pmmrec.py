@@ -6,6 +6,7 @@ transformers and its sibling files.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -194,8 +195,9 @@ class BackboneTower(nn.Module):
                 block.requires_grad_(True)
         if self.unused_parameter_names is None and example_inputs is not None:
             self.unused_parameter_names = self._find_unused_parameters(example_inputs)
+        unused = set(self.unused_parameter_names or ())
         for name, param in self.backbone.named_parameters():
-            if name in (self.unused_parameter_names or ()):
+            if name in unused:
                 param.requires_grad_(False)
 
     def _find_unused_parameters(self, example_inputs: dict) -> list[str] | None:
@@ -444,36 +446,27 @@ class PMMRecPreTrainedModel(PreTrainedModel):
 
 
 class _GatheredItems:
-    """The candidate pool of a step: this process's items, or every process's (gathered once, on first use).
-
-    embeddings (C, d), ids (C,), log_q (C,) or None, valid (C,) or None (False at padding rows of a gather),
-    offset: the row of this process's first item."""
+    """The candidate pool of a step: this process's items, or every process's when negatives are gathered
+    (the collectives run on first use only, once). embeddings (C, d), ids (C,), log_q (C,) or None, valid (C,)
+    or None (False at padding rows of a gather), offset: the row of this process's first item."""
 
     def __init__(self, embeddings, ids, log_q, gather: bool):
-        self._local = (embeddings, ids, log_q)
-        self._gather = gather
-        self._done = False
+        self._local, self._gather = (embeddings, ids, log_q), gather
 
-    def _ensure(self) -> None:
-        if self._done:
-            return
+    @functools.cached_property
+    def _pool(self) -> tuple:
         embeddings, ids, log_q = self._local
-        self.embeddings, self.ids, self.log_q, self.valid, self.offset = embeddings, ids, log_q, None, 0
-        if self._gather:
-            self.embeddings, self.valid, self.offset = gather_across_processes(embeddings)
-            self.ids = gather_across_processes(ids)[0]
-            if log_q is not None:
-                self.log_q = gather_across_processes(log_q)[0]
-        self._done = True
+        if not self._gather:
+            return embeddings, ids, log_q, None, 0
+        gathered, valid, offset = gather_across_processes(embeddings)
+        log_q = gather_across_processes(log_q)[0] if log_q is not None else None
+        return gathered, gather_across_processes(ids)[0], log_q, valid, offset
 
-    def __getattr__(self, name):  # embeddings, ids, log_q, valid, offset
-        if name.startswith("_"):
-            raise AttributeError(name)
-        self._ensure()
-        try:
-            return self.__dict__[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    embeddings = property(lambda self: self._pool[0])
+    ids = property(lambda self: self._pool[1])
+    log_q = property(lambda self: self._pool[2])
+    valid = property(lambda self: self._pool[3])
+    offset = property(lambda self: self._pool[4])
 
 
 def _check_inference_index(item_index: torch.Tensor, max_length: int) -> None:

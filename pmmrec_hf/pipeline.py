@@ -185,11 +185,7 @@ def load_data(args: argparse.Namespace, process_index: int = 0, num_processes: i
             train = shard_for_process(stream, process_index, num_processes, seed=args.seed)
         else:
             train = splits["train"]
-    fraction = getattr(args, "train_fraction", 1.0)
-    if fraction != 1.0:
-        from .data.format import subset_users
-
-        train = subset_users(train, fraction, seed=getattr(args, "train_fraction_seed", 0))
+    train = _train_fraction(args, train)
     eval_rows = [dict(row) for row in eval_split]
     if args.max_eval_users is not None:
         eval_rows = eval_rows[: args.max_eval_users]
@@ -197,9 +193,19 @@ def load_data(args: argparse.Namespace, process_index: int = 0, num_processes: i
     return LoadedData(items=items, train=train, eval_rows=eval_rows, train_counts=counts, name=str(dataset))
 
 
+def _train_fraction(args: argparse.Namespace, train):
+    """The --train-fraction subset of the training rows (the rows themselves at 1.0)."""
+    fraction = getattr(args, "train_fraction", 1.0)
+    if fraction == 1.0:
+        return train
+    from .data.format import subset_users
+
+    return subset_users(train, fraction, seed=getattr(args, "train_fraction_seed", 0))
+
+
 def _load_mixture(args: argparse.Namespace, folders: list[str], process_index: int, num_processes: int) -> LoadedData:
     """Several prepared datasets mixed (``pmmrec_hf.data.mixture``); evaluation on every platform's users."""
-    from .data.format import shard_for_process, subset_users
+    from .data.format import shard_for_process
     from .data.mixture import mix_prepared
 
     if SYNTHETIC in folders:
@@ -208,11 +214,9 @@ def _load_mixture(args: argparse.Namespace, folders: list[str], process_index: i
     mixture = mix_prepared(folders, sampling=args.mixture_sampling, temperature=args.mixture_temperature,
                            seed=args.seed, streaming=args.streaming)
     logger.info("Mixing %s", mixture.describe())
-    train = mixture.train
-    if getattr(args, "train_fraction", 1.0) != 1.0:
-        train = subset_users(train, args.train_fraction, seed=getattr(args, "train_fraction_seed", 0))
-        if mixture.row_platform is not None:
-            mixture.row_platform = list(train["platform"])
+    train = _train_fraction(args, mixture.train)
+    if train is not mixture.train and mixture.row_platform is not None:
+        mixture.row_platform = list(train["platform"])
     if args.streaming:
         train = shard_for_process(train, process_index, num_processes, seed=args.seed)
     eval_split = mixture.validation if args.eval_split == "validation" else mixture.test

@@ -411,9 +411,8 @@ class Recommender:
         items), batch k is embedded by process k % N only and the results are gathered: every process returns
         all `count` rows, equal to what one process computes."""
         batch_size = _check_positive_int("batch_size", batch_size or self.batch_size)
-        world = accelerator.num_processes if accelerator is not None else 1
-        if world > 1:
-            return self._embed_items_distributed(count, item_inputs, texts, images, batch_size, accelerator)
+        rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator is not None else (0, 1)
+        mine = (lambda number: number % world == rank) if world > 1 else None  # batch k -> process k % N
         if isinstance(item_inputs, tuple) and len(item_inputs) == 2 and not any(
             isinstance(part, Mapping) for part in item_inputs
         ):
@@ -422,45 +421,29 @@ class Recommender:
             texts, images = item_inputs
             item_inputs = None
         if item_inputs is None:
-            batches = self._raw_batches(texts, images, count, batch_size)
+            batches = self._raw_batches(texts, images, count, batch_size, keep=mine)
         elif texts is not None or images is not None:
             raise ValueError("Give either pre-encoded `item_inputs` or raw `texts` / `images`, not both.")
         elif isinstance(item_inputs, Mapping):
-            batches = self._sliced(item_inputs, count, batch_size)
-        else:
-            batches = item_inputs
-        embeddings = self._embed_batches(batches)
-        if embeddings.shape[0] != count:
-            raise ValueError(f"The item inputs gave {embeddings.shape[0]} embeddings for {count} item ids.")
-        return embeddings
-
-    def _embed_items_distributed(self, count, item_inputs, texts, images, batch_size, accelerator) -> torch.Tensor:
-        from .distributed import gather_batches
-
-        rank, world = accelerator.process_index, accelerator.num_processes
-
-        def mine(number: int) -> bool:
-            return number % world == rank
-
-        if isinstance(item_inputs, tuple) and len(item_inputs) == 2 and not any(
-            isinstance(part, Mapping) for part in item_inputs
-        ):
-            texts, images = item_inputs
-            item_inputs = None
-        if item_inputs is None or isinstance(item_inputs, Mapping):
-            batches = (self._raw_batches(texts, images, count, batch_size, keep=mine) if item_inputs is None
-                       else self._sliced(item_inputs, count, batch_size, keep=mine))
-            local = self._embed_batches(batches)
-            embeddings = gather_batches(local.to(accelerator.device), count, batch_size, accelerator).cpu()
-        else:  # batches of unknown sizes: each process embeds its own, the (number, rows) pairs are gathered
+            batches = self._sliced(item_inputs, count, batch_size, keep=mine)
+        elif world > 1:  # batches of unknown sizes: each process embeds its own, the (number, rows) pairs are gathered
             from accelerate.utils import gather_object
 
             own = [(number, self._embed_batches([batch])) for number, batch in enumerate(item_inputs) if mine(number)]
             pieces = sorted(gather_object(own), key=lambda pair: pair[0])
+            batches = None
             embeddings = torch.cat([rows for _, rows in pieces]) if pieces else torch.zeros(0, self.hidden_size)
+        else:
+            batches = item_inputs
+        if batches is not None:
+            embeddings = self._embed_batches(batches)
+            if world > 1:  # this process's batches -> every row, in order
+                from .distributed import gather_batches
+
+                embeddings = gather_batches(embeddings.to(accelerator.device), count, batch_size, accelerator).cpu()
         if embeddings.shape[0] != count:
             raise ValueError(f"The item inputs gave {embeddings.shape[0]} embeddings for {count} item ids.")
-        return embeddings.clone()
+        return embeddings
 
     def encode_catalogue(
         self,

@@ -103,8 +103,6 @@ def make_accelerator(config: TrainingConfig, **kwargs):
     --multi_gpu --num_processes N`` or ``torchrun --nproc_per_node N`` on CPUs) join one gloo process group
     instead of running as N independent single-process jobs. Raises when the launcher started N processes
     but they did not join one group."""
-    import os
-
     from accelerate import Accelerator
     from accelerate.utils import GradientAccumulationPlugin
 
@@ -355,32 +353,30 @@ def _with_cached_features(batch: dict, feature_cache) -> dict:
     return out
 
 
-def _checkpoint_steps(output_dir: str) -> list[int]:
+def _checkpoint_steps(output_dir: str) -> tuple[list[int], list[str]]:
     """Steps of the complete checkpoints under ``<output_dir>/checkpoints`` (``step_<N>`` holding a
-    trainer_state.json, written last), ascending; other names are ignored."""
+    trainer_state.json, written last), ascending, and the names of everything else there."""
     folder = Path(output_dir) / "checkpoints"
     if not folder.is_dir():
-        return []
-    steps = []
+        return [], []
+    steps, others = [], []
     for path in folder.iterdir():
         suffix = path.name[len(CHECKPOINT_PREFIX):]
         if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and (path / TRAINER_STATE).is_file():
             steps.append(int(suffix))
-    return sorted(steps)
+        else:
+            others.append(path.name)
+    return sorted(steps), sorted(others)
 
 
 def _latest_checkpoint(output_dir: str) -> str | None:
     """The newest complete checkpoint; folders that are not one (no trainer_state.json, written last: an
     interrupted save; or a name that is not step_<N>) are skipped with a warning naming them."""
-    steps = _checkpoint_steps(output_dir)
-    folder = Path(output_dir) / "checkpoints"
-    if folder.is_dir():
-        complete = {f"{CHECKPOINT_PREFIX}{step}" for step in steps}
-        skipped = sorted(p.name for p in folder.iterdir() if p.name not in complete)
-        if skipped:
-            logger.warning("Resuming from the newest complete checkpoint; skipped in %s (incomplete or not a "
-                           "checkpoint): %s", folder, ", ".join(skipped))
-    return str(folder / f"{CHECKPOINT_PREFIX}{steps[-1]}") if steps else None
+    steps, skipped = _checkpoint_steps(output_dir)
+    if skipped:
+        logger.warning("Resuming from the newest complete checkpoint; skipped in %s (incomplete or not a "
+                       "checkpoint): %s", Path(output_dir) / "checkpoints", ", ".join(skipped))
+    return _checkpoint_path(output_dir, steps[-1]) if steps else None
 
 
 TRAINER_STATE = "trainer_state.json"
@@ -594,7 +590,8 @@ def train(
         learning_rates = [group["lr"] for group in optimizer.param_groups]
         with accelerator.accumulate(model):
             outputs = model(**batch)
-            _check_finite_loss(outputs, step + 1)
+            values = _loss_values(outputs)  # one host read of the losses, for the check and the logs
+            _check_finite_loss(values, step + 1)
             accelerator.backward(outputs.loss)
             if not checked_gradients:
                 _check_every_trainable_parameter_has_a_gradient(model, accelerator)
@@ -603,10 +600,8 @@ def train(
                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             optimizer.zero_grad()
-        for name in LOSS_NAMES:
-            value = outputs.get(name) if hasattr(outputs, "get") else getattr(outputs, name, None)
-            if value is not None:
-                running.setdefault(name, []).append(float(value.detach()))
+        for name, value in values.items():
+            running.setdefault(name, []).append(value)
         micro += 1
         if not accelerator.sync_gradients:
             continue
@@ -669,20 +664,25 @@ def train(
             "collator_stats": dict(getattr(collator, "stats", {}))}
 
 
-def _check_finite_loss(outputs, step: int) -> None:
-    """Stop at the first non-finite loss, naming the step and the components (the loss is finite in a healthy
-    run under every precision here: logits are fp32), instead of training on and saving NaN weights."""
-    loss = outputs.loss
-    if loss is None or bool(torch.isfinite(loss.detach())):
-        return
-    parts = []
-    for name in LOSS_NAMES[1:]:
+def _loss_values(outputs) -> dict[str, float]:
+    """The loss and each computed component as Python floats."""
+    values = {}
+    for name in LOSS_NAMES:
         value = outputs.get(name) if hasattr(outputs, "get") else getattr(outputs, name, None)
         if value is not None:
-            parts.append(f"{name} {float(value.detach()):g}")
+            values[name] = float(value.detach())
+    return values
+
+
+def _check_finite_loss(values: dict[str, float], step: int) -> None:
+    """Stop at the first non-finite loss, naming the step and the components (the loss is finite in a healthy
+    run under every precision here: logits are fp32), instead of training on and saving NaN weights."""
+    if "loss" not in values or math.isfinite(values["loss"]):
+        return
+    parts = ", ".join(f"{name} {value:g}" for name, value in values.items() if name != "loss")
     raise FloatingPointError(
-        f"Training diverged: the loss is {float(loss.detach()):g} at step {step} ({', '.join(parts)}). Lower the "
-        "learning rate (or set --max-grad-norm), and check the inputs for NaN/inf (pixel values, features)."
+        f"Training diverged: the loss is {values['loss']:g} at step {step} ({parts}). Lower the learning rate "
+        "(or set --max-grad-norm), and check the inputs for NaN/inf (pixel values, features)."
     )
 
 
@@ -746,7 +746,7 @@ def _rotate_checkpoints(accelerator, config: TrainingConfig, state: _RunState) -
     if accelerator.is_main_process:
         import shutil
 
-        steps = _checkpoint_steps(config.output_dir)
+        steps, _ = _checkpoint_steps(config.output_dir)
         keep = set(steps[-limit:])
         if state.best_step is not None:
             keep.add(state.best_step)
@@ -764,7 +764,8 @@ def _load_model_weights(model: nn.Module, checkpoint: str) -> None:
         raise FileNotFoundError(f"The best checkpoint {checkpoint} has no model.safetensors.")
     state = load_file(str(weights))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or [k for k in missing if k in dict(model.named_parameters())]:
+    parameters = {name for name, _ in model.named_parameters()}
+    if unexpected or any(k in parameters for k in missing):
         raise RuntimeError(f"The best checkpoint {checkpoint} does not match the model: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}.")
 

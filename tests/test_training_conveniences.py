@@ -222,13 +222,13 @@ def test_a_checkpoint_with_non_finite_weights_does_not_load(data, tmp_path):
 
 def test_one_nan_pixel_is_caught_at_the_step_it_enters():
     from pmmrec_hf import PMMRecModel
-    from pmmrec_hf.training import _check_finite_loss
+    from pmmrec_hf.training import _check_finite_loss, _loss_values
     from tiny_models import tiny_batch, tiny_config
 
     torch.manual_seed(0)
     model = PMMRecModel(tiny_config())
     batch = tiny_batch()
-    _check_finite_loss(model(**batch), 1)  # a healthy batch passes
+    _check_finite_loss(_loss_values(model(**batch)), 1)  # a healthy batch passes
     batch["pixel_values"][2, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"the loss is nan at step 7 \(next_item_loss nan, nicl_loss nan"):
-        _check_finite_loss(model(**batch), 7)
+        _check_finite_loss(_loss_values(model(**batch)), 7)
