@@ -431,7 +431,8 @@ def train(
     `eval_rows`, with the unwrapped model in eval mode and the catalogue embeddings the metrics were computed
     from (e.g. to keep the best checkpoint, or to score a second split at the same step without embedding the
     catalogue again: ``evaluate_model(model, collator, test_rows, item_embeddings=item_embeddings)``, as the
-    transfer benchmark does for its epochs grid).
+    transfer benchmark does for its epochs grid); returning True stops training after this evaluation (the same
+    on every process: decide from the metrics, which every process shares).
 
     Under N processes (``accelerate launch``), each process takes `config.batch_size` users per micro-step;
     the losses, gradients, learning rates and weights are those of one process with N x batch_size users
@@ -552,8 +553,8 @@ def train(
                                  accelerator=accelerator, item_embeddings=catalogue,
                                  repeated_targets=config.repeated_targets)
         history.append({"step": step, **metrics})
-        if on_evaluate is not None:
-            on_evaluate(step, metrics, unwrapped, catalogue)
+        if on_evaluate is not None and on_evaluate(step, metrics, unwrapped, catalogue) is True:
+            early_stopped = True  # the callback asked to stop (as a transformers callback's should_training_stop)
         unwrapped.train(was_training)
         timing["eval_seconds"] += time.perf_counter() - eval_start
         accelerator.log({f"eval/{k}": v for k, v in metrics.items() if k != "num_users"}, step=step)

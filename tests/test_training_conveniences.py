@@ -97,6 +97,20 @@ def test_early_stopping_after_patience_evaluations_without_improvement(data, tmp
     assert state["early_stopped"] and state["evaluations_without_improvement"] == 2
 
 
+def test_on_evaluate_returning_true_stops_training(data, tmp_path):
+    collator, rows, validation = data
+    seen = []
+
+    def on_evaluate(step, metrics, model, item_embeddings):
+        seen.append(step)
+        return step == 4  # stop after the evaluation at step 4 (anything else, None included, goes on)
+
+    summary = train(_model(collator), rows, collator, _config(tmp_path, max_steps=40), eval_rows=validation,
+                    on_evaluate=on_evaluate)
+    assert seen == [0, 2, 4] and summary["global_step"] == 4 and summary["early_stopped"]
+    assert [h["step"] for h in summary["eval_history"]] == [0, 2, 4]
+
+
 def test_resume_keeps_the_best_and_the_patience(data, tmp_path):
     collator, rows, validation = data
     common = dict(max_steps=10, save_steps=2, metric_for_best_model="ndcg@5", early_stopping_threshold=1.0,

@@ -1,12 +1,16 @@
-"""Smoke test of benchmarks/transfer.py on synthetic stand-ins with tiny random backbones (no real data)."""
+"""benchmarks/transfer.py (leave-one-platform-out protocol) on synthetic stand-ins with tiny random backbones."""
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer.py"
+TINY = ["--synthetic", "--tiny-backbones", "--max-users", "24", "--batch-size", "8", "--hidden-size", "32",
+        "--max-text-length", "16", "--image-size", "32", "--pretrain-steps", "2", "--min-eval-steps", "3"]
 
 
 def _load_script():
@@ -16,63 +20,134 @@ def _load_script():
     return module
 
 
-def test_transfer_benchmark_runs_every_row(tmp_path, capsys):
+@pytest.fixture(scope="module")
+def protocol_run(tmp_path_factory):
+    """One tiny run of the whole protocol: both targets, two fractions, every row, single source for H&M."""
     bench = _load_script()
-    output = tmp_path / "results.json"
-    result = bench.main([
-        "--quick", "--synthetic", "--tiny-backbones", "--work-dir", str(tmp_path / "work"), "--output", str(output),
-        "--epochs", "hm=2", "amazon-office=1", "--pretrain-steps", "2", "--seeds", "0", "--max-users", "40",
-        "--batch-size", "8", "--learning-rates", "1e-3", "1e-4",
-        "--hidden-size", "32", "--max-text-length", "16", "--image-size", "32",
-    ])
-    saved = json.loads(output.read_text())
-    rows = [r for r in saved["rows"] if "test" in r]
-    assert result["table"] == saved["table"]
-    assert saved["table"].startswith("Repeated targets: rank: a test target already in the user's history is ranked")
-    assert {(r["dataset"], r["setting"]) for r in rows if r["setting"] in bench.SETTINGS} == {
-        (d, s) for d in bench.TARGETS for s in bench.SETTINGS
-    }
-    for row in rows:
+    root = tmp_path_factory.mktemp("transfer")
+    argv = ["--quick", *TINY, "--work-dir", str(root / "work"), "--output", str(root / "results.json"),
+            "--fractions", "0.5", "1", "--seeds", "0", "--learning-rates", "1e-3", "3e-4", "--max-epochs", "3",
+            "--patience", "1", "--single-source", "hm=movielens-1m", "--single-source-rows", "zero_shot", "full"]
+    result = bench.main(argv)
+    return bench, root, argv, result
+
+
+@pytest.mark.slow
+def test_every_row_of_the_protocol_is_reported(protocol_run):
+    bench, root, _, result = protocol_run
+    saved = json.loads((root / "results.json").read_text())
+    assert saved["finished"] is True and saved["table"] == result["table"]
+    keys = {(r["dataset"], r["source"], r["setting"], r["fraction"]) for r in saved["rows"]}
+    expected = set()
+    for target in bench.TARGETS:
+        expected.add((target, "others", "zero_shot", None))
+        for fraction in (0.5, 1.0):
+            expected |= {(target, None, s, fraction) for s in ("most_popular", "sasrec", "scratch")}
+            expected |= {(target, "others", s, fraction) for s in ("full", "item_encoder", "user_encoder",
+                                                                   "full_lora")}
+    expected |= {("hm", "movielens-1m", "zero_shot", None), ("hm", "movielens-1m", "full", 0.5),
+                 ("hm", "movielens-1m", "full", 1.0)}
+    assert keys == expected
+    for row in saved["rows"]:
         assert set(row["test"]) == set(bench.METRICS)
         assert all(0.0 <= v <= 1.0 for v in row["test"].values())
-        assert row["train_seconds"] >= 0.0
-        if row["setting"] in bench.SETTINGS:
-            # the chosen grid point is the best on validation among lr {1e-3, 1e-4} x epochs {1, .., E}
-            per_epoch = 5  # 40 users, batch 8
-            max_epochs = 2 if row["dataset"] == "hm" else 1
-            assert row["seed"] == 0 and row["lr"] in (1e-3, 1e-4) and row["epochs"] in range(1, max_epochs + 1)
-            assert row["steps"] == row["epochs"] * per_epoch
-            points = [(float(lr), e, v) for lr, curve in row["curves"].items() for e, v, _ in curve if e > 0]
-            assert len(points) == 2 * max_epochs
-            assert row["validation"]["ndcg@10"] == max(v for _, _, v in points)
-            assert (row["lr"], row["epochs"], row["validation"]["ndcg@10"]) in points
-            assert [e for e, _, _ in row["curves"]["0.001"]] == list(range(max_epochs + 1))
-            assert row["grid_train_seconds"] >= row["train_seconds"]
-            assert row["modality"] == ("ids" if row["setting"] == "sasrec" else
-                                       "text" if row["dataset"] == "amazon-office" else "multimodal")
-            assert set(row["validation"]) == set(bench.METRICS)
-    pretrain = [r for r in rows if r["setting"] == "pretrain"]
-    assert len(pretrain) == 1 and pretrain[0]["dataset"] == bench.SOURCE
-    printed = capsys.readouterr().out
-    assert "| dataset | setting | seeds | hr@10 | ndcg@10" in printed
-    for dataset in bench.TARGETS:
-        for setting in bench.SETTINGS:
-            assert f"| {dataset} | {setting} | 1 |" in printed
-    assert "±" in printed
+    # every target was left out of its own pre-training (the single source pre-trained on movielens-1m only)
+    pretraining = saved["pretraining"]
+    assert "hm" not in pretraining["hm|others"]["users"] and "amazon-office" in pretraining["hm|others"]["users"]
+    assert "amazon-office" not in pretraining["amazon-office|others"]["users"]
+    assert set(pretraining["hm|movielens-1m"]["users"]) == {"movielens-1m"}
     assert result["plot"] is not None and Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # --render re-prints the same table from the JSON and re-draws the plot, training nothing
-    rendered = bench.main(["--render", str(output), "--plot", str(tmp_path / "again.png")])
-    assert rendered["table"] == saved["table"]
-    assert (tmp_path / "again.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| hm | 0.5 | full | movielens-1m | 1 |" in result["table"]
+    assert "| amazon-office | - | zero_shot | all others | - |" in result["table"]
 
 
-def test_epochs_per_target_parsing():
+@pytest.mark.slow
+def test_the_reported_point_is_the_best_on_validation_and_patience_stops_runs(protocol_run):
+    bench, _, _, result = protocol_run
+    trained = [r for r in result["rows"] if r["setting"] in bench.TRAINED]
+    assert trained
+    for row in trained:
+        points = [(float(lr), step, val) for lr, curve in row["curves"].items() for step, val, _, _ in curve
+                  if step > 0]
+        assert row["validation"]["ndcg@10"] == max(v for _, _, v in points)
+        assert (row["lr"], row["step"], row["validation"]["ndcg@10"]) in points
+        assert set(row["curves"]) == {"0.001", "0.0003"}
+        per_epoch = math.ceil(row["train_users"] / 8)
+        assert row["eval_every"] == per_epoch * math.ceil(3 / per_epoch) and row["steps_per_epoch"] == per_epoch
+        for run in row["runs"]:
+            curve = [v for step, v, _, _ in row["curves"][f"{run['lr']:g}"] if step > 0]
+            steps = [step for step, *_ in row["curves"][f"{run['lr']:g}"]]
+            assert steps == list(range(0, run["steps"] + 1, row["eval_every"]))
+            if run["stopped_early"]:  # patience 1: the last evaluation was no better than the best before it
+                assert run["steps"] < 3 * per_epoch and curve[-1] <= max(curve[:-1])
+            else:
+                assert run["steps"] == 3 * per_epoch
+        best_run = next(r for r in row["runs"] if r["lr"] == row["lr"])
+        assert row["best_at_cap"] == (row["step"] == best_run["steps"] and not best_run["stopped_early"])
+        assert row["seconds_per_step"] > 0 and row["grid_steps"] == sum(r["steps"] for r in row["runs"])
+
+
+@pytest.mark.slow
+def test_a_run_resumes_where_it_stopped_and_refuses_other_options(protocol_run, capsys):
+    bench, root, argv, result = protocol_run
+    before = json.loads((root / "results.json").read_text())["rows"]
+    again = bench.main(argv)  # everything is done: nothing is trained again
+    assert again["rows"] == before
+    assert again["timings_seconds"]["this_invocation"] < result["timings_seconds"]["this_invocation"]
+    # drop some rows (as if the run had stopped there): only those are computed again
+    saved = json.loads((root / "results.json").read_text())
+    kept = [r for r in saved["rows"] if not (r["dataset"] == "amazon-office" and r["fraction"] == 1.0)]
+    saved["rows"] = kept
+    (root / "results.json").write_text(json.dumps(saved))
+    resumed = bench.main(argv)
+    assert [bench.row_key(r) for r in resumed["rows"][: len(kept)]] == [bench.row_key(r) for r in kept]
+    assert {bench.row_key(r) for r in resumed["rows"]} == {bench.row_key(r) for r in before}
+    with pytest.raises(SystemExit, match="different protocol .*learning_rates"):
+        bench.main([a if a != "3e-4" else "1e-4" for a in argv])
+
+
+def test_targets_of_ones_own_are_named_with_their_folder_and_modality(tmp_path):
+    from pmmrec_hf.data import make_synthetic_dataset
+
     bench = _load_script()
-    assert bench.parse_args(["--epochs", "4"]).epochs == {t: 4 for t in bench.TARGETS}
-    assert bench.parse_args(["--epochs", "4", "hm=7"]).epochs == {"hm": 7, "amazon-office": 4}
-    for bad in (["hm=3"], ["movies=3", "2"], ["0"], ["x"]):
+    make_synthetic_dataset(num_items=10, num_users=6, seed=0, output_dir=tmp_path / "shop")
+    args = bench.parse_args(["--target", f"shop={tmp_path / 'shop'}:text", "hm"])
+    assert args.targets == {"shop": {"folder": str((tmp_path / "shop").resolve()), "modality": "text"},
+                            "hm": {"folder": None, "modality": "multimodal"}}
+    assert args.single_source == {"hm": ["movielens-1m"]}  # the default single source, for the built-in target
+    assert bench.parse_args(["--target", f"shop={tmp_path / 'shop'}"]).targets["shop"]["modality"] is None
+    for bad in ([f"shop={tmp_path / 'shop'}:audio"], [f"shop={tmp_path / 'nothing'}"], ["books"],
+                [f"hm={tmp_path / 'shop'}"]):
         with pytest.raises(SystemExit):
-            bench.parse_args(["--epochs", *bad])
+            bench.parse_args(["--target", *bad])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--single-source", "hm=hm"])
+    assert bench.parse_args(["--no-single-source"]).single_source == {}
+    assert bench.parse_args(["--quick"]).single_source == {}
+
+
+def test_a_target_is_never_its_own_source():
+    bench = _load_script()
+    args = bench.parse_args([])
+    for target in bench.TARGETS:
+        sets = bench.source_sets(args, target)
+        assert sets[0][0] == "others" and target not in sets[0][1]
+        assert sorted(sets[0][1]) == sorted(p for p in bench.PLATFORMS if p != target)
+        assert sets[1][1] == list(bench.SINGLE_SOURCE[target])
+
+
+def test_co_occurrence_auc_by_hand():
+    bench = _load_script()
+    embeddings = torch.tensor([[1.0, 0.0], [1.0, 0.1], [0.0, 1.0], [-1.0, 0.0]])
+    pairs = torch.tensor([[0, 1], [0, 2], [2, 3]])
+    randoms = torch.tensor([3, 1, 2])
+    # pair 1: cos(0,1) 0.995 > cos(0,3) -1 -> 1; pair 2: cos(0,2) 0 < cos(0,1) -> 0; pair 3: cos(2,3) 0 vs
+    # cos(2,2) 1 -> 0
+    assert bench.co_occurrence_auc(embeddings, pairs, randoms) == pytest.approx(1 / 3)
+    assert bench.co_occurrence_auc(embeddings, pairs[:1], torch.tensor([1])) == 0.5  # a tie counts half
+    rows = [{"item_ids": ["a", "b", "b", "c"]}, {"item_ids": ["c"]}]
+    found, rand = bench.consecutive_pairs(rows, {"a": 0, "b": 1, "c": 2})
+    assert found.tolist() == [[0, 1], [1, 2]] and rand.shape == (2,) and int(rand.max()) < 3
 
 
 def test_work_dir_inside_the_repository_is_refused():
@@ -81,30 +156,38 @@ def test_work_dir_inside_the_repository_is_refused():
         bench.main(["--quick", "--synthetic", "--tiny-backbones", "--work-dir", str(SCRIPT.parent / "tmp_work")])
 
 
-def test_cached_catalogue_equals_recomputed(tmp_path):
-    """`encode_catalogue(..., feature_cache=...)` (what every benchmark row uses) gives the item embeddings the
-    towers compute from raw inputs."""
-    import torch
-
-    from pmmrec_hf.data.collator import PMMRecCollator
-    from pmmrec_hf.training import encode_catalogue
-
-    bench = _load_script()
-    args = bench.parse_args(["--quick", "--synthetic", "--tiny-backbones", "--work-dir", str(tmp_path), "--max-users",
-                             "20", "--hidden-size", "32", "--max-text-length", "16", "--image-size", "32"])
+def _tiny_cache(bench, tmp_path, *extra):
+    args = bench.parse_args(["--quick", *TINY, "--work-dir", str(tmp_path), *extra])
     folders = bench.prepare_data(args)
-    data = bench.load_dataset(folders[bench.SOURCE])
+    platforms = bench.load_platforms(args, folders)
     text_model, vision_model = bench.backbones(args)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(text_model)
-    model = bench.new_pmmrec(args, text_model, vision_model, "multimodal", bench.PRETRAIN_OBJECTIVE, seed=0).eval()
-    cache, _ = bench.build_cache(args, bench.SOURCE, data, model.item_encoder, tokenizer)
-    raw = PMMRecCollator.from_config(model.config, data["items"], tokenizer, None)
-    ids = PMMRecCollator(data["items"], modality="ids", max_length=args.max_length)
-    expected = encode_catalogue(model, raw, batch_size=16)
-    cached = encode_catalogue(model, ids, batch_size=16, feature_cache=cache)
-    torch.testing.assert_close(cached, expected, atol=1e-5, rtol=1e-5)
+    model = bench.new_pmmrec(args, text_model, vision_model, "multimodal", bench.pretrain_objective(args), 0).eval()
+    cache, _ = bench.build_cache(args, "all", {"items": platforms.mixture.items}, model.item_encoder, tokenizer)
+    return args, platforms, model, cache, tokenizer
+
+
+def test_cached_catalogue_of_a_platform_equals_recomputed(tmp_path):
+    """`encode_catalogue(..., feature_cache=CacheView)` (what every row uses: one platform's rows of the cache of
+    every platform) gives the item embeddings the towers compute from that platform's raw inputs; on a text-only
+    platform every item is embedded from its text through the fusion."""
+    from pmmrec_hf.data.collator import PMMRecCollator
+    from pmmrec_hf.training import encode_catalogue
+
+    bench = _load_script()
+    args, platforms, model, cache, tokenizer = _tiny_cache(bench, tmp_path)
+    for name in ("hm", "amazon-office"):
+        data = platforms.data[name]
+        view = bench.CacheView(cache, platforms.offsets[name], len(data["items"]), platforms.modality[name])
+        raw = PMMRecCollator.from_config(model.config, data["items"], tokenizer, None)
+        ids = PMMRecCollator(data["items"], modality="ids", max_length=args.max_length)
+        expected = encode_catalogue(model, raw, batch_size=16)
+        cached = encode_catalogue(model, ids, batch_size=16, feature_cache=view)
+        torch.testing.assert_close(cached, expected, atol=1e-5, rtol=1e-5)
+        image_mask = view.lookup(torch.arange(len(data["items"])))["image_mask"]
+        assert bool(image_mask.any()) == (name == "hm")
 
 
 def test_any_backbone_checkpoint_can_be_named(tmp_path):
@@ -132,7 +215,7 @@ def test_any_backbone_checkpoint_can_be_named(tmp_path):
                              "--image-size", str(vision.image_size)])
     text_model, vision_model = bench.backbones(args)
     assert (text_model, vision_model) == (str(text_dir), str(vision_dir))
-    model = bench.new_pmmrec(args, text_model, vision_model, "multimodal", bench.PRETRAIN_OBJECTIVE, seed=0)
+    model = bench.new_pmmrec(args, text_model, vision_model, "multimodal", bench.pretrain_objective(args), seed=0)
     assert model.config.item_encoder_config.image_mean == mean
     assert model.config.item_encoder_config.image_std == std
     assert model.config.item_encoder_config.vision_config.model_type == "clip_vision_model"
@@ -140,46 +223,19 @@ def test_any_backbone_checkpoint_can_be_named(tmp_path):
     assert bench.image_normalisation(str(text_dir)) == {}
 
 
-def test_readme_table_is_the_committed_run():
-    """The README's transfer table repeats, cell for cell, the table that the committed run printed
-    (benchmarks/transfer_quick.json holds the run's rows and its printed table)."""
-    bench = _load_script()
-    repo = SCRIPT.parents[1]
-    saved = json.loads((repo / "benchmarks" / "transfer_quick.json").read_text())
-    assert bench.markdown_table(saved["rows"], saved["args"].get("repeated_targets")) == saved["table"]
-    printed = {}
-    for line in saved["table"].splitlines()[2:]:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        printed[(cells[0], cells[1])] = dict(zip(bench.METRICS, cells[3:3 + len(bench.METRICS)]))
-    readme = (repo / "README.md").read_text().split("## Transfer on real data", 1)[1]
-    rows = [line for line in readme.splitlines() if line.startswith("| `")]
-    assert len(rows) == 1 + len(bench.SETTINGS)
-    for line in rows:
-        cells = [c.strip() for c in line.strip("|").split("|")]
-        setting = cells[0].strip("`")
-        assert cells[1:] == [printed[("hm", setting)]["hr@10"], printed[("hm", setting)]["ndcg@10"],
-                             printed[("amazon-office", setting)]["hr@10"],
-                             printed[("amazon-office", setting)]["ndcg@10"]]
-    assert (repo / "docs" / "transfer_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
 def test_the_benchmark_cache_marks_items_without_an_image(tmp_path):
     import argparse
-
-    import torch
 
     from pmmrec_hf import PMMRecItemEncoder
     from pmmrec_hf.data import load_items, make_synthetic_dataset
     from pmmrec_hf.data.image_processing import is_missing_image
     from pmmrec_hf.data.synthetic import synthetic_tokenizer
-    from tiny_models import tiny_item_config
+    from tiny_models import tiny_item_config, tiny_text_config
 
     bench = _load_script()
     make_synthetic_dataset(num_items=12, num_users=20, seed=0, output_dir=tmp_path / "d", image_size=30,
                            missing_image_rate=0.5)
     items, _ = load_items(tmp_path / "d", decode_images=False)
-    from tiny_models import tiny_text_config
-
     torch.manual_seed(0)
     tokenizer = synthetic_tokenizer()
     encoder = PMMRecItemEncoder(tiny_item_config(text_config=tiny_text_config(vocab_size=len(tokenizer)),
@@ -188,3 +244,30 @@ def test_the_benchmark_cache_marks_items_without_an_image(tmp_path):
     has_image = [not is_missing_image(v) for v in items["image"]]
     assert 0 < sum(has_image) < 12
     assert cache.lookup(torch.arange(12))["image_mask"].tolist() == has_image
+    # a view with modality "text": no item has an image
+    view = bench.CacheView(cache, 0, 12, "text")
+    assert not view.lookup(torch.arange(12))["image_mask"].any()
+
+
+def test_readme_table_is_the_committed_run():
+    """The README's transfer table repeats, cell for cell, rows of the table that the committed run printed
+    (benchmarks/transfer_quick.json holds the run's rows and its printed table)."""
+    bench = _load_script()
+    repo = SCRIPT.parents[1]
+    saved = json.loads((repo / "benchmarks" / "transfer_quick.json").read_text())
+    options = saved["protocol_options"]
+    assert bench.markdown_table(saved["rows"], options["repeated_targets"]) == saved["table"]
+    printed = {}
+    for line in saved["table"].splitlines():
+        if line.startswith("| ") and not line.startswith("| target"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            printed[(cells[0], cells[1], cells[2], cells[3])] = dict(zip(bench.METRICS, cells[5:5 + len(bench.METRICS)]))
+    readme = (repo / "README.md").read_text().split("## Transfer on real data", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in readme.splitlines() if line.startswith("| `")]
+    assert rows
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        target, fraction, setting, source = cells[0].strip("`"), cells[1], cells[2], cells[3]
+        assert cells[4:] == [printed[(target, fraction, setting, source)]["ndcg@10"],
+                             printed[(target, fraction, setting, source)]["hr@10"]], line
+    assert (repo / "docs" / "transfer_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
