@@ -317,20 +317,20 @@ def _template_fields(template: str, what: str = "text") -> list[str]:
     return fields
 
 
-def _column_fields(template: str, columns, what: str = "text") -> list[str]:
+def _column_fields(template: str, table: pd.DataFrame, what: str = "text") -> list[str]:
     """The columns a template names (``item_id`` needs no column: it is always the item's id); a template that
     does not parse, cannot format text, or names a column the items table lacks is a ValueError naming it."""
+    columns = table.columns
     fields = [f for f in _template_fields(template, what) if not (f == "item_id" and f not in columns)]
     absent = [f for f in fields if f not in columns]
     if absent:
         import difflib
 
         names = [str(c) for c in columns]
-        close = {f: difflib.get_close_matches(f, names, n=1) for f in absent}
-        hints = "".join(f" ({{{f}}}: did you mean {{{m[0]}}}?)" for f, m in close.items() if m)
+        close = difflib.get_close_matches(absent[0], names, n=1)
         raise ValueError(
-            f"{_TEMPLATE_OPTIONS.get(what, what)} {template!r} names column(s) {absent} that the items table does not "
-            f"have{hints}; the columns are {names}"
+            f"{_label(table)}: missing column {absent[0]!r} (named by {_TEMPLATE_OPTIONS.get(what, what)} {template!r}"
+            f"{f'; did you mean {{{close[0]}}}?' if close else ''}); the columns are {names}"
         )
     return fields
 
@@ -748,14 +748,14 @@ def prepare_dataset(
     items_df = read_table(items, sep=items_sep, columns=items_columns, encoding=encoding, quoted=items_quoted)
     items_label = _label(items_df)
     if text_template is not None:
-        text_fields = _column_fields(text_template, items_df.columns)
+        text_fields = _column_fields(text_template, items_df)
     elif text_cols is not None:
         text_fields = list(text_cols)
     else:
         text_fields = ["text"]
     image_fields = []
     if image_pattern is not None:
-        image_fields = _column_fields(image_pattern, items_df.columns, "image")
+        image_fields = _column_fields(image_pattern, items_df, "image")
     _require_columns(items_df, [item_id_col], "the item id")
     _require_columns(items_df, text_fields, "item text")
     _require_columns(items_df, [image_col] + image_fields, "item image")

@@ -207,9 +207,10 @@ def _header(path: Path, encoding: str) -> list[str]:
     """The tab-separated header line of a RecBole atomic file; a decode error names the file and the option."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    with path.open("rb") as handle:
+        raw = handle.readline()
     try:
-        with path.open(encoding=encoding, newline="") as handle:
-            return handle.readline().rstrip("\r\n").split("\t")
+        return raw.decode(encoding).rstrip("\r\n").split("\t")
     except UnicodeDecodeError as err:
         raise ValueError(
             f"{path}: line 1 (the header) is not valid {encoding} text ({err.reason} at byte {err.start + 1}); pass "
