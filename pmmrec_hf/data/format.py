@@ -297,7 +297,10 @@ def read_metadata(
         path = Path(
             hf_hub_download(str(folder_or_hub_id), METADATA_FILE, repo_type="dataset", revision=revision, token=token)
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); the prepared dataset's metadata is damaged") from err
 
 
 def _confined(files: Mapping[str, Any], folder: Path | None, label: str) -> dict[str, list[str]]:
