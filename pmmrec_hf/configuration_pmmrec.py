@@ -58,7 +58,8 @@ def _check_activation(name: str, value: Any) -> None:
 
 # keys a saved config.json (or transformers' loading) carries besides the config's own fields
 _SAVED_KEYS = frozenset({"architectures", "auto_map", "model_type", "transformers_version", "dtype", "torch_dtype",
-                         "attn_implementation", "use_cache", "base_model_tp_plan", "base_model_pp_plan"})
+                         "attn_implementation", "experts_implementation", "name_or_path", "num_labels", "use_cache",
+                         "per_layer_config", "rope_scaling", "rope_theta", "base_model_tp_plan", "base_model_pp_plan"})
 
 
 @functools.lru_cache(maxsize=None)
@@ -67,6 +68,12 @@ def _base_config_keys() -> frozenset:
     base = PretrainedConfig()
     names = set(vars(base)) | set(base.to_dict())
     names |= {n for n in inspect.signature(PretrainedConfig.__init__).parameters if n not in ("self", "kwargs")}
+    try:  # generation parameters an older config.json may hold: transformers drops them quietly
+        from transformers import GenerationConfig
+
+        names |= set(GenerationConfig._get_default_generation_params())
+    except Exception:  # pragma: no cover - another transformers version
+        pass
     return frozenset(names)
 
 
