@@ -409,13 +409,14 @@ def target_ranks(
     eps_in, eps_acc = _matmul_error_units(work)
     factor = 2.0 * (eps_in + (dim + 4) * eps_acc)  # twice the worst-case error bound, per |u| |v|
     tiny = (dim + 1) * torch.finfo(work).tiny  # underflow slack
-    user_norm = torch.linalg.vector_norm(users.to(torch.float64), dim=1).to(cmp)
-    item_norm = torch.cat(
+    user_norm64 = torch.linalg.vector_norm(users.to(torch.float64), dim=1)
+    item_norm64 = torch.cat(
         [
             torch.linalg.vector_norm(items[s : s + chunk_size].to(device=device, dtype=torch.float64), dim=1)
             for s in range(0, num_items, chunk_size)
         ]
-    ).to(cmp)
+    )
+    user_norm, item_norm = user_norm64.to(cmp), item_norm64.to(cmp)
 
     # shortcuts of the exact path: an item whose row equals the target's row, or a zero user, ties exactly
     row_id = _row_ids(items, work, device, chunk_size)
@@ -425,13 +426,6 @@ def target_ranks(
     # rows, where most items are near-ties, stays about as fast as random scores)
     refine = work == torch.float32
     factor64 = 2.0 * (dim + math.ceil(math.log2(max(dim, 2))) + 4) * 2.0**-53
-    user_norm64 = torch.linalg.vector_norm(users.to(torch.float64), dim=1)
-    item_norm64 = torch.cat(
-        [
-            torch.linalg.vector_norm(items[s : s + chunk_size].to(device=device, dtype=torch.float64), dim=1)
-            for s in range(0, num_items, chunk_size)
-        ]
-    )
 
     with torch.no_grad():
         for u0 in range(0, num_users, step):
