@@ -6,9 +6,15 @@ This file travels with every Hub checkpoint (``trust_remote_code`` loading): it 
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
+import logging
 from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
+
+logger = logging.getLogger(__name__)
 
 MODALITIES = ("multimodal", "text", "vision")
 LAYER_NORM_POSITIONS = ("post", "pre")
@@ -41,6 +47,59 @@ def _check_probability(name: str, value: Any, allow_one: bool = True) -> None:
 def _check_non_negative(name: str, value: Any) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
         raise ValueError(f"`{name}` must be a non-negative number, got {value!r}.")
+
+
+def _check_activation(name: str, value: Any) -> None:
+    from transformers.activations import ACT2FN
+
+    if not isinstance(value, str) or value not in ACT2FN:
+        raise ValueError(f"`{name}` must be one of {sorted(ACT2FN)}, got {value!r}.")
+
+
+# keys a saved config.json (or transformers' loading) carries besides the config's own fields
+_SAVED_KEYS = frozenset({"architectures", "auto_map", "model_type", "transformers_version", "dtype", "torch_dtype",
+                         "attn_implementation", "experts_implementation", "name_or_path", "num_labels", "use_cache",
+                         "per_layer_config", "rope_scaling", "rope_theta", "base_model_tp_plan", "base_model_pp_plan"})
+
+
+@functools.lru_cache(maxsize=None)
+def _base_config_keys() -> frozenset:
+    """The fields every ``PretrainedConfig`` has (its attributes and ``__init__`` arguments)."""
+    base = PretrainedConfig()
+    names = set(vars(base)) | set(base.to_dict())
+    names |= {n for n in inspect.signature(PretrainedConfig.__init__).parameters if n not in ("self", "kwargs")}
+    try:  # generation parameters an older config.json may hold: transformers drops them quietly
+        from transformers import GenerationConfig
+
+        names |= set(GenerationConfig._get_default_generation_params())
+    except Exception:  # pragma: no cover - another transformers version
+        pass
+    return frozenset(names)
+
+
+def _own_fields(config_class: type) -> list[str]:
+    names: list[str] = []
+    for klass in config_class.__mro__:
+        if klass is PretrainedConfig or not issubclass(klass, PretrainedConfig):
+            break
+        if "__init__" in vars(klass):
+            names += [n for n in inspect.signature(klass.__init__).parameters if n not in ("self", "kwargs")]
+    return list(dict.fromkeys(names))
+
+
+def _warn_unknown_fields(config_class: type, kwargs: dict[str, Any]) -> list[str]:
+    """Warn about keyword arguments that are no field of ``config_class`` (a typo such as ``num_hiden_layers``
+    would otherwise be kept as a silent attribute, as transformers does), naming each and its closest field."""
+    own = _own_fields(config_class)
+    known = set(own) | _base_config_keys() | _SAVED_KEYS
+    unknown = [k for k in kwargs if k not in known and not k.startswith("_")]
+    for key in unknown:
+        close = difflib.get_close_matches(key, own, n=1)
+        logger.warning(
+            "%s: unknown field %r%s; it is kept as an attribute but no part of %s uses it.",
+            config_class.__name__, key, f" (did you mean {close[0]!r}?)" if close else "", config_class.model_type,
+        )
+    return unknown
 
 
 SIMILARITIES = ("dot", "cosine")
@@ -143,6 +202,7 @@ class PMMRecItemEncoderConfig(PretrainedConfig):
         self.image_mean = list(image_mean) if image_mean is not None else [0.5, 0.5, 0.5]
         self.image_std = list(image_std) if image_std is not None else [0.5, 0.5, 0.5]
         self.initializer_range = initializer_range
+        _warn_unknown_fields(type(self), kwargs)
         super().__init__(**kwargs)
         self.validate()
 
@@ -170,6 +230,7 @@ class PMMRecItemEncoderConfig(PretrainedConfig):
                 f"({self.hidden_size})."
             )
         _check_probability("fusion_dropout", self.fusion_dropout, allow_one=False)
+        _check_activation("fusion_hidden_act", self.fusion_hidden_act)
         for name in ("text_trainable_layers", "vision_trainable_layers"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < -1:
@@ -252,6 +313,7 @@ class PMMRecUserEncoderConfig(PretrainedConfig):
         self.layer_norm_position = layer_norm_position
         self.max_position_embeddings = max_position_embeddings
         self.initializer_range = initializer_range
+        _warn_unknown_fields(type(self), kwargs)
         super().__init__(**kwargs)
         self.validate()
 
@@ -265,6 +327,7 @@ class PMMRecUserEncoderConfig(PretrainedConfig):
             )
         _check_probability("hidden_dropout_prob", self.hidden_dropout_prob, allow_one=False)
         _check_probability("attention_probs_dropout_prob", self.attention_probs_dropout_prob, allow_one=False)
+        _check_activation("hidden_act", self.hidden_act)
         if self.layer_norm_position not in LAYER_NORM_POSITIONS:
             raise ValueError(
                 f"`layer_norm_position` must be one of {LAYER_NORM_POSITIONS}, got {self.layer_norm_position!r}."
@@ -351,6 +414,7 @@ class PMMRecConfig(PretrainedConfig):
         self.gather_negatives = gather_negatives
         self.replace_prob = replace_prob
         self.shuffle_prob = shuffle_prob
+        _warn_unknown_fields(type(self), kwargs)
         super().__init__(**kwargs)
         self.validate()
 

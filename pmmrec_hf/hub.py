@@ -156,8 +156,15 @@ def read_config_dict(path_or_repo: str | os.PathLike, **kwargs: Any) -> dict[str
         raise OSError(f"Cannot load a PMMRec model from '{name}': {reason}. ({type(err).__name__}: {err})") from err
     if resolved is None:
         raise OSError(f"Cannot load a PMMRec model from '{name}': it has no {CONFIG_NAME}.")
-    with open(resolved, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(resolved, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"Cannot load a PMMRec model from '{name}': {resolved} is not valid JSON ({err}).") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"Cannot load a PMMRec model from '{name}': {resolved} holds a JSON {type(config).__name__}, "
+                         "not an object of config fields.")
+    return config
 
 
 def check_component(path_or_repo: str | os.PathLike, expected_model_type: str, **kwargs: Any) -> dict[str, Any]:
@@ -417,15 +424,23 @@ def _auth_context(api, targets: dict[str, str], token: Any) -> tuple[str, set[st
     return info.get("name"), {n for n in namespaces if n}
 
 
+def warn_if_public(api, repo_id: str, repo_type: str | None = None) -> bool:
+    """After ``create_repo(private=True, exist_ok=True)``: log a warning when ``repo_id`` already existed and is
+    public (``private`` does not change an existing repo); True when it warned. Used by every push."""
+    try:
+        public = not api.repo_info(repo_id, repo_type=repo_type).private
+    except Exception:
+        return False
+    if public:
+        logger.warning("'%s' already exists and is public: private=True does not change an existing repo, the upload "
+                       "is public (make it private first with HfApi().update_repo_settings).", repo_id)
+    return public
+
+
 def _commit_to(api, component, repo_id, folder, *, private, revision, create_branch, commit_message, description):
     api.create_repo(repo_id, private=private, exist_ok=True)
     if private:
-        try:
-            if not api.repo_info(repo_id).private:
-                logger.warning("'%s' already exists and is public: private=True does not change an existing repo "
-                               "(use HfApi().update_repo_settings).", repo_id)
-        except Exception:
-            pass
+        warn_if_public(api, repo_id)
     if revision is not None:
         branches = {b.name for b in api.list_repo_refs(repo_id).branches}
         if revision not in branches:

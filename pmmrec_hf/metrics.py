@@ -23,6 +23,7 @@ This module only needs ``torch`` and ``numpy``; :func:`load_ranking_metric` impo
 
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from collections.abc import Sequence
@@ -306,6 +307,43 @@ def _matmul_error_units(dtype: torch.dtype) -> tuple[float, float]:
     return eps_in, 2.0**-24
 
 
+def _refine_near(
+    u: torch.Tensor, chunk: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, t_exact: torch.Tensor,
+    user_norm64: torch.Tensor, chunk_norm64: torch.Tensor, factor64: float, count: torch.Tensor,
+    max_elements: int = 1 << 24,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Classify near-tie pairs ``(rows, cols)`` (user row, chunk column) of float32 scores with a float64 matmul.
+
+    For float32 inputs every product is exact in float64, so the matmul score differs from the true dot product by at
+    most ``d * 2**-53 * |u| |v|`` and :func:`_exact_dot` by at most ``(log2 d + 1) * 2**-53 * |u| |v|`` (any summation
+    order). A pair whose matmul score is more than ``factor64 * |u| |v|`` (twice their sum) above ``t_exact`` has an
+    exact score above the target's (counted in ``count``), one that much below has an exact score below it; the
+    pairs in between are returned for the exact path. So the count is the same as the exact path's for every pair.
+    """
+    device = rows.device
+    keep = torch.zeros(rows.shape[0], dtype=torch.bool, device=device)
+    used = torch.zeros(chunk.shape[0], dtype=torch.bool, device=device)
+    used[cols] = True
+    col_ids = used.nonzero(as_tuple=True)[0]  # the chunk's columns with a near-tie, in order (no sort needed)
+    position = torch.empty(chunk.shape[0], dtype=torch.long, device=device)
+    position[col_ids] = torch.arange(col_ids.shape[0], device=device)
+    col_pos = position[cols]
+    users64 = u.to(torch.float64)
+    block = max(1, max_elements // max(u.shape[0], 1))
+    single_block = col_ids.shape[0] <= block
+    for c0 in range(0, col_ids.shape[0], block):
+        if single_block:
+            sel = slice(None)
+        else:
+            sel = ((col_pos >= c0) & (col_pos < c0 + block)).nonzero(as_tuple=True)[0]
+        scores = users64 @ chunk[col_ids[c0 : c0 + block]].to(torch.float64).T  # (users, block)
+        diff = scores[rows[sel], col_pos[sel] - c0] - t_exact[rows[sel]]
+        band = factor64 * user_norm64[rows[sel]] * chunk_norm64[cols[sel]] + 1e-300
+        count.index_add_(0, rows[sel], (diff > band).long())
+        keep[sel] = diff.abs() <= band
+    return rows[keep], cols[keep]
+
+
 REPEATED_TARGETS = ("rank", "miss")
 
 
@@ -371,16 +409,23 @@ def target_ranks(
     eps_in, eps_acc = _matmul_error_units(work)
     factor = 2.0 * (eps_in + (dim + 4) * eps_acc)  # twice the worst-case error bound, per |u| |v|
     tiny = (dim + 1) * torch.finfo(work).tiny  # underflow slack
-    user_norm = torch.linalg.vector_norm(users.to(torch.float64), dim=1).to(cmp)
-    item_norm = torch.cat(
+    user_norm64 = torch.linalg.vector_norm(users.to(torch.float64), dim=1)
+    item_norm64 = torch.cat(
         [
             torch.linalg.vector_norm(items[s : s + chunk_size].to(device=device, dtype=torch.float64), dim=1)
             for s in range(0, num_items, chunk_size)
         ]
-    ).to(cmp)
+    )
+    user_norm, item_norm = user_norm64.to(cmp), item_norm64.to(cmp)
 
     # shortcuts of the exact path: an item whose row equals the target's row, or a zero user, ties exactly
     row_id = _row_ids(items, work, device, chunk_size)
+    # float32 work: near-ties are first re-scored by a float64 matmul (products of float32 values are exact in
+    # float64) whose error, plus the exact path's, is far below the float32 band; only the pairs it cannot tell
+    # apart from the target go to the exact path, so the ranks are the exact path's (a catalogue of near-equal
+    # rows, where most items are near-ties, stays about as fast as random scores)
+    refine = work == torch.float32
+    factor64 = 2.0 * (dim + math.ceil(math.log2(max(dim, 2))) + 4) * 2.0**-53
 
     with torch.no_grad():
         for u0 in range(0, num_users, step):
@@ -418,7 +463,10 @@ def target_ranks(
                     tie = (row_id[s + cols] == t_row_id[rows]) | zero_user[rows]
                     count.index_add_(0, rows[tie], torch.ones_like(rows[tie]))
                     rows, cols = rows[~tie], cols[~tie]
-                if rows.numel():  # the cost grows with the number of near-ties that are not shortcuts
+                if rows.numel() and refine:  # near-ties: a float64 matmul settles all but the (near-)exact ones
+                    rows, cols = _refine_near(u, chunk, rows, cols, t_exact, user_norm64[u0 : u0 + step],
+                                              item_norm64[s:e], factor64, count)
+                if rows.numel():  # the cost grows with the number of near-ties left
                     exact = _exact_dot(u, rows, chunk, cols)
                     count.index_add_(0, rows, (exact >= t_exact[rows]).long())
             ranks[u0 : u0 + step] = 1 + count

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
@@ -409,13 +409,26 @@ class PMMRecPreTrainedModel(PreTrainedModel):
         # A repo holding another PMMRec component would load with only a warning (and random weights): refuse it.
         # The check lives in the package; a remote-code copy of this file runs without it (imports inside `try`
         # are not remote-code requirements), which is safe: there AutoModel picks the class from the repo's config.
-        if pretrained_model_name_or_path is not None and kwargs.get("config") is None:
+        # A `config=` given must be this class's own kind too; the repo's config.json, when it has one, is checked
+        # either way (with `config=` a folder of weights alone is accepted).
+        given = kwargs.get("config")
+        expected = cls.config_class.model_type
+        if isinstance(given, PretrainedConfig) and getattr(given, "model_type", None) != expected:
+            raise ValueError(
+                f"{cls.__name__}.from_pretrained: the config= given is a {type(given).__name__} (model_type "
+                f"{getattr(given, 'model_type', None)!r}); {cls.__name__} needs model_type {expected!r}."
+            )
+        if pretrained_model_name_or_path is not None:
             try:
                 from pmmrec_hf.hub import check_component
             except ImportError:
                 check_component = None
             if check_component is not None:
-                check_component(pretrained_model_name_or_path, cls.config_class.model_type, **kwargs)
+                try:
+                    check_component(pretrained_model_name_or_path, expected, **kwargs)
+                except OSError:
+                    if given is None:
+                        raise
         loaded = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         # a diverged run's weights must not load silently (every recommendation from them would be NaN)

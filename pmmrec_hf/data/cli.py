@@ -15,6 +15,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from ..hub import PMMRecPublishError
 from .format import DEFAULT_MAX_ROWS_PER_FILE
 from .prepare import DEFAULT_MAX_LENGTH, DEFAULT_MIN_LENGTH, prepare_dataset
 from .presets import PRESETS, prepare_preset
@@ -78,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder as a Hub dataset repository")
     out.add_argument("--token", help="Hub token (default: the logged-in one)")
     out.add_argument("--private", action="store_true", default=None, help="create the Hub repository private")
+    out.add_argument("--allow-outside-paths", action="store_true", default=None,
+                     help="trusted data only: let image paths from the data leave --image-root ('../', absolute paths)")
     out.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
@@ -88,7 +91,7 @@ _GENERIC = (
     "interactions_columns", "items_columns", "interactions_format", "encoding", "time_format", "name", "max_length",
     "min_length",
     "require_text", "require_images", "unknown_items", "max_users", "max_rows_per_file", "num_shards", "token",
-    "private",
+    "private", "allow_outside_paths",
 )
 
 
@@ -128,7 +131,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("give --preset and --source, or --interactions and --items")
             interactions = args.interactions[0] if len(args.interactions) == 1 else args.interactions
             prepare_dataset(interactions, args.items, args.output, **options, **common)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError, PMMRecPublishError) as err:  # (OSError: e.g. a permission denied, naming the path)
         print(f"pmmrec-prepare: error: {err}", file=sys.stderr)
         return 1
     return 0

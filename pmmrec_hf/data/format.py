@@ -297,13 +297,43 @@ def read_metadata(
         path = Path(
             hf_hub_download(str(folder_or_hub_id), METADATA_FILE, repo_type="dataset", revision=revision, token=token)
         )
-    return json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); the prepared dataset's metadata is damaged") from err
 
 
-def _files(metadata: Mapping[str, Any], folder: Path | None) -> dict[str, list[str]]:
+def _confined(files: Mapping[str, Any], folder: Path | None, label: str) -> dict[str, list[str]]:
+    """The metadata's ``files``, each checked to stay inside the dataset (no absolute path, no ``..``, no symlink
+    out of a local folder); a ValueError names the entry."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    root = folder.resolve() if folder is not None else None
+    for split, names in files.items():
+        for i, name in enumerate(names):
+            text = str(name)
+            parts = PurePosixPath(text.replace("\\", "/")).parts
+            outside = (
+                PurePosixPath(text).is_absolute() or PureWindowsPath(text).is_absolute() or PureWindowsPath(text).drive
+                or ".." in parts or "://" in text
+                or (root is not None and not (root / text).resolve().is_relative_to(root))
+            )
+            if outside:
+                raise ValueError(
+                    f"{label}: files[{split!r}][{i}] = {text!r} points outside the dataset folder; refused (pass "
+                    "allow_outside_paths=True to load_prepared / load_items for trusted data)"
+                )
+    return {k: [str(f) for f in v] for k, v in files.items()}
+
+
+def _files(
+    metadata: Mapping[str, Any], folder: Path | None, allow_outside_paths: bool = False, label: str = METADATA_FILE
+) -> dict[str, list[str]]:
     """Files per split, from the metadata (or, for a folder written by hand without that key, by name)."""
     if "files" in metadata:
-        return {k: list(v) for k, v in metadata["files"].items()}
+        if allow_outside_paths:
+            return {k: list(v) for k, v in metadata["files"].items()}
+        return _confined(metadata["files"], folder, label)
     if folder is None:
         raise ValueError("the metadata has no 'files' entry")
     files = {"items": [ITEMS_FILE]}
@@ -318,17 +348,18 @@ def _files(metadata: Mapping[str, Any], folder: Path | None) -> dict[str, list[s
 
 
 def _data_files(
-    folder_or_hub_id: str | os.PathLike, revision: str | None, token: str | bool | None
+    folder_or_hub_id: str | os.PathLike, revision: str | None, token: str | bool | None,
+    allow_outside_paths: bool = False,
 ) -> tuple[dict[str, list[str]], dict]:
     metadata = read_metadata(folder_or_hub_id, revision=revision, token=token)
     if _is_local(folder_or_hub_id):
         folder = Path(folder_or_hub_id).expanduser().resolve()
-        files = _files(metadata, folder)
+        files = _files(metadata, folder, allow_outside_paths, str(folder / METADATA_FILE))
         return {k: [str(folder / f) for f in v] for k, v in files.items()}, metadata
     base = f"hf://datasets/{folder_or_hub_id}"
     if revision is not None:
         base += "@" + quote(revision, safe="")
-    files = _files(metadata, None)
+    files = _files(metadata, None, allow_outside_paths, f"{folder_or_hub_id}/{METADATA_FILE}")
     return {k: [f"{base}/{f}" for f in v] for k, v in files.items()}, metadata
 
 
@@ -340,17 +371,20 @@ def load_prepared(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    allow_outside_paths: bool = False,
     **load_kwargs: Any,
 ):
     """The user sequences of a prepared dataset, through ``datasets.load_dataset("parquet", ...)``.
 
     Returns a ``DatasetDict`` (``IterableDatasetDict`` when ``streaming``) with the splits present, or
     the one ``split`` asked for. Rows: ``user_id``, ``item_ids`` (time-ordered), ``timestamps``. With
-    ``streaming=True`` each split has as many shards as it has files.
+    ``streaming=True`` each split has as many shards as it has files. A ``files`` entry of the metadata that
+    leads outside the dataset (absolute, ``..``, a symlink out) is a ValueError naming it, unless
+    ``allow_outside_paths=True`` (trusted data only).
     """
     from datasets import load_dataset
 
-    data_files, _ = _data_files(folder_or_hub_id, revision, token)
+    data_files, _ = _data_files(folder_or_hub_id, revision, token, allow_outside_paths)
     data_files.pop("items")
     if split is not None:
         if split not in data_files:
@@ -375,14 +409,15 @@ def load_items(
     revision: str | None = None,
     token: str | bool | None = None,
     cache_dir: str | os.PathLike | None = None,
+    allow_outside_paths: bool = False,
     **load_kwargs: Any,
 ):
     """``(items, item_to_index)``: the items as a map-style ``datasets.Dataset`` (``item_id``, ``text``,
     ``image`` as an ``Image()`` feature, PIL images when decoded, ``train_count``) and a dict from
-    ``item_id`` to the integer id (row number)."""
+    ``item_id`` to the integer id (row number). ``allow_outside_paths``: as in ``load_prepared``."""
     from datasets import Image, load_dataset
 
-    data_files, _ = _data_files(folder_or_hub_id, revision, token)
+    data_files, _ = _data_files(folder_or_hub_id, revision, token, allow_outside_paths)
     items = load_dataset(
         "parquet",
         data_files={"items": data_files["items"]},

@@ -141,6 +141,15 @@ def _kind(path: Path) -> str:
     return "tsv"
 
 
+def _check_encoding(encoding: str) -> None:
+    import codecs
+
+    try:
+        codecs.lookup(encoding)
+    except (LookupError, TypeError) as err:
+        raise ValueError(f"encoding {encoding!r} (CLI: --encoding) is not a known text encoding, e.g. 'utf-8' or 'latin-1'") from err
+
+
 def _first_undecodable_line(path: Path, encoding: str) -> tuple[int, UnicodeDecodeError] | None:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
@@ -256,7 +265,8 @@ def _parse_times(series: pd.Series, time_format: str | None) -> tuple[np.ndarray
 
     Numbers are unix seconds (a fraction is kept in the sort key, floored in the seconds); a text column
     is numeric when any value is a number (the others are then bad times), else dates/datetimes
-    (``time_format``, default parsed automatically) in UTC."""
+    (``time_format``, default parsed automatically) in UTC. ``inf``, ``nan`` and numbers outside the int64
+    range (e.g. ``1e30``) are bad times."""
     if pd.api.types.is_datetime64_any_dtype(series):
         keys = _seconds(pd.to_datetime(series, utc=True))
     elif pd.api.types.is_numeric_dtype(series) and time_format is None:
@@ -268,6 +278,9 @@ def _parse_times(series: pd.Series, time_format: str | None) -> tuple[np.ndarray
             keys = numeric.astype("float64").to_numpy()
         else:
             keys = _seconds(pd.to_datetime(text, errors="coerce", utc=True, format=time_format or "mixed"))
+    keys = np.array(keys, dtype=np.float64)  # (a copy: the column's own values stay)
+    # inf, 1e30, ...: not a storable int64 second (they would wrap to -2**63) -> a bad time, like text
+    keys[~np.isfinite(keys) | (keys >= 2.0**63) | (keys < -(2.0**63))] = np.nan
     return keys, np.floor(np.nan_to_num(keys)).astype(np.int64)
 
 
@@ -279,22 +292,47 @@ def _seconds(parsed: pd.Series) -> np.ndarray:
 # texts
 
 
-def _template_fields(template: str) -> list[str]:
+_TEMPLATE_OPTIONS = {"text": "text_template (CLI: --text-template)", "image": "image_pattern (CLI: --image-pattern)"}
+
+
+def _template_fields(template: str, what: str = "text") -> list[str]:
+    option = _TEMPLATE_OPTIONS.get(what, what)
     fields = []
-    for _, name, _, _ in string.Formatter().parse(template):
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as err:  # e.g. "{title" (an unclosed field)
+        raise ValueError(f"{option} {template!r} is not a valid template: {err}") from err
+    for _, name, _, _ in parsed:
         if name is None:
             continue
         base = re.split(r"[.\[]", name, maxsplit=1)[0]
         if not base or base.isdigit():
-            raise ValueError(f"text/image template {template!r}: every field must name a column, got {{{name}}}")
+            raise ValueError(f"{option} {template!r}: every field must name a column, got {{{name}}}")
         if base not in fields:
             fields.append(base)
+    try:  # a format spec or conversion that a text value cannot take, e.g. "{title:d}"
+        template.format_map(_Fields({f: "x" for f in fields}))
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        raise ValueError(f"{option} {template!r} cannot format text values: {type(err).__name__}: {err}") from err
     return fields
 
 
-def _column_fields(template: str, columns) -> list[str]:
-    """The columns a template names (``item_id`` needs no column: it is always the item's id)."""
-    return [f for f in _template_fields(template) if not (f == "item_id" and f not in columns)]
+def _column_fields(template: str, table: pd.DataFrame, what: str = "text") -> list[str]:
+    """The columns a template names (``item_id`` needs no column: it is always the item's id); a template that
+    does not parse, cannot format text, or names a column the items table lacks is a ValueError naming it."""
+    columns = table.columns
+    fields = [f for f in _template_fields(template, what) if not (f == "item_id" and f not in columns)]
+    absent = [f for f in fields if f not in columns]
+    if absent:
+        import difflib
+
+        names = [str(c) for c in columns]
+        close = difflib.get_close_matches(absent[0], names, n=1)
+        raise ValueError(
+            f"{_label(table)}: missing column {absent[0]!r} (named by {_TEMPLATE_OPTIONS.get(what, what)} {template!r}"
+            f"{f'; did you mean {{{close[0]}}}?' if close else ''}); the columns are {names}"
+        )
+    return fields
 
 
 def _is_missing(value: Any) -> bool:
@@ -313,7 +351,12 @@ class _Fields(dict):
 
 
 def _format(template: str, fields: Mapping[str, Any]) -> str:
-    return template.format_map(_Fields({k: _clean(v) for k, v in fields.items()}))
+    try:
+        return template.format_map(_Fields({k: _clean(v) for k, v in fields.items()}))
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError) as err:
+        raise ValueError(
+            f"template {template!r} cannot format the item {fields.get('item_id')!r}: {type(err).__name__}: {err}"
+        ) from err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,8 +443,10 @@ def _image_ok(data: bytes) -> bool:
 class _FileImages:
     """Images named per item by a path pattern or a column (paths, raw bytes or {bytes, path} structs)."""
 
-    def __init__(self, root: Path, pattern: str | None, column: str | None):
+    def __init__(self, root: Path, pattern: str | None, column: str | None, allow_outside_paths: bool = False):
         self.root, self.pattern, self.column = root, pattern, column
+        self.allow_outside_paths = allow_outside_paths
+        self._resolved_root = root.resolve()
 
     def describe(self) -> dict:
         return {"kind": "files", "root": str(self.root), "pattern": self.pattern, "column": self.column}
@@ -423,6 +468,12 @@ class _FileImages:
         if isinstance(ref, bytes):
             return ref
         path = self.root / ref
+        if not self.allow_outside_paths and not path.resolve().is_relative_to(self._resolved_root):
+            source = f"column {self.column!r}" if self.pattern is None else f"image_pattern {self.pattern!r}"
+            raise ValueError(
+                f"image path {str(ref)!r} (from {source}) is outside the image root {self.root}; paths from the data "
+                "stay inside it unless allow_outside_paths=True (CLI: --allow-outside-paths) for trusted data"
+            )
         return path.read_bytes() if path.is_file() else None
 
     def load_struct(self, ref) -> dict | None:
@@ -511,13 +562,62 @@ def push_prepared_to_hub(
     folder: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool | None = None,
     commit_message: str = "Upload prepared PMMRec dataset",
 ) -> str:
-    """Upload a prepared folder as a Hub dataset repository (created if needed); returns its URL."""
+    """Upload a prepared folder as a Hub dataset repository (created if needed); returns its URL.
+
+    ``private=True`` onto an existing public repo logs the same warning as the model push (the repo stays
+    public). No token, or a token the Hub refuses (401/403), raises ``PMMRecAuthError`` saying how to log in;
+    another Hub or network error raises ``PMMRecPublishError``; either way the local folder is left as it is."""
     from huggingface_hub import HfApi
 
+    from ..hub import _LOGIN_HINT, PMMRecAuthError, PMMRecPublishError, _status, warn_if_public
+
+    _require_hub_token(repo_id, token)
     api = HfApi(token=token)
-    url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset", commit_message=commit_message)
+    try:
+        url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+        if private:
+            warn_if_public(api, repo_id, "dataset")
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset", commit_message=commit_message)
+    except Exception as err:
+        status = _status(err)
+        if status in (401, 403):
+            raise PMMRecAuthError(
+                f"the Hub at {api.endpoint} refused to push the dataset to '{repo_id}' (HTTP {status}: the token is "
+                f"invalid, read-only or may not write there). {_LOGIN_HINT} Nothing was uploaded; the prepared "
+                f"folder {folder} is complete.", repo_id=repo_id, not_published=[repo_id],
+            ) from err
+        if isinstance(err, ValueError) and status is None:
+            raise
+        raise PMMRecPublishError(
+            f"pushing the dataset to '{repo_id}' at {api.endpoint} failed ({type(err).__name__}: {err}). The prepared "
+            f"folder {folder} is complete; push it again with push_prepared_to_hub.", repo_id=repo_id,
+            not_published=[repo_id],
+        ) from err
     return str(url)
+
+
+def _require_hub_token(repo_id: str, token: str | bool | None) -> None:
+    """PMMRecAuthError when there is no token to push with (none given and no stored login / HF_TOKEN)."""
+    from huggingface_hub import get_token
+
+    from ..hub import _LOGIN_HINT, PMMRecAuthError
+
+    if token is False or (token is None and not get_token()):
+        raise PMMRecAuthError(
+            f"pushing the dataset to '{repo_id}' needs a Hugging Face token with write access, and none was found. "
+            f"{_LOGIN_HINT}", repo_id=repo_id, not_published=[repo_id],
+        )
+
+
+def _check_output_folder(output_dir: str | os.PathLike) -> None:
+    """ValueError naming ``output_dir`` (CLI --output) when it, or a folder above it, is an existing file."""
+    path = Path(output_dir)
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            if not candidate.is_dir():
+                what = "is a file" if candidate == path else f"is inside {candidate}, which is a file"
+                raise ValueError(f"output folder (CLI --output) {path} {what}, not a folder; give a folder path")
+            return
 
 
 def _first_users(users: pd.Series, max_users: int) -> set:
@@ -568,6 +668,7 @@ def prepare_dataset(
     push_to_hub: str | None = None,
     token: str | None = None,
     private: bool | None = None,
+    allow_outside_paths: bool = False,
     progress: bool = True,
     verbose: bool = True,
 ) -> PrepareResult:
@@ -600,7 +701,9 @@ def prepare_dataset(
             ``"posters/{item_id}.jpg"`` or ``"images/{item_id:.3}/{item_id}.jpg"``; or ``image_lmdb``:
             an LMDB database (``pip install lmdb``) whose values are pickled uint8 arrays, under keys
             ``image_lmdb_key``. ``image_root`` defaults to the items file's folder. Every image is
-            opened, verified and decoded with PIL.
+            opened, verified and decoded with PIL. An image path from the data (a column value, or the pattern
+            filled with row values) that leads outside ``image_root`` (``../``, an absolute path, a symlink out)
+            is a ValueError naming the item, unless ``allow_outside_paths=True`` (trusted data only).
         interactions_sep, items_sep: separators overriding the extension's; ``interactions_columns``,
             ``items_columns``: column names for files without a header line.
         encoding: text encoding of CSV/TSV/JSON files (e.g. ``"latin-1"``).
@@ -634,6 +737,10 @@ def prepare_dataset(
     if max_users is not None and max_users < 1:
         raise ValueError(f"max_users must be >= 1, got {max_users}")
     _check_lengths(max_length, min_length)
+    _check_encoding(encoding)
+    _check_output_folder(output_dir)
+    if push_to_hub is not None:
+        _require_hub_token(push_to_hub, token)  # before the import's work, not after it
     item_id_col = item_id_col or item_col
     counts = dict.fromkeys(COUNT_NAMES, 0)
 
@@ -641,14 +748,14 @@ def prepare_dataset(
     items_df = read_table(items, sep=items_sep, columns=items_columns, encoding=encoding, quoted=items_quoted)
     items_label = _label(items_df)
     if text_template is not None:
-        text_fields = _column_fields(text_template, items_df.columns)
+        text_fields = _column_fields(text_template, items_df)
     elif text_cols is not None:
         text_fields = list(text_cols)
     else:
         text_fields = ["text"]
     image_fields = []
     if image_pattern is not None:
-        image_fields = _column_fields(image_pattern, items_df.columns)
+        image_fields = _column_fields(image_pattern, items_df, "image")
     _require_columns(items_df, [item_id_col], "the item id")
     _require_columns(items_df, text_fields, "item text")
     _require_columns(items_df, [image_col] + image_fields, "item image")
@@ -686,6 +793,7 @@ def prepare_dataset(
         time_values = inter[time_col].reset_index(drop=True)[inside].reset_index(drop=True)
         time_missing = time_values.isna().to_numpy()
         keys, seconds = _parse_times(time_values, time_format)
+        bad_time_examples = time_values[np.isnan(keys) & ~time_missing].head(3).tolist()
     else:
         time_missing = np.zeros(len(frame), dtype=bool)
         keys, seconds = frame["row"].to_numpy(dtype=np.float64), frame["row"].to_numpy()
@@ -727,7 +835,7 @@ def prepare_dataset(
         root = Path(image_root) if image_root is not None else (
             Path(items).parent if isinstance(items, (str, os.PathLike)) else Path.cwd()
         )
-        images = _FileImages(root, image_pattern, image_col)
+        images = _FileImages(root, image_pattern, image_col, allow_outside_paths)
     else:
         images = None
 
@@ -748,7 +856,10 @@ def prepare_dataset(
             ref = None
             if images is not None:
                 ref = images.ref(fields)
-                data = images.load(ref) if ref is not None else None
+                try:
+                    data = images.load(ref) if ref is not None else None
+                except ValueError as err:
+                    raise ValueError(f"{items_label}: item {item!r}: {err}") from err
                 if data is None:
                     counts["images_missing"] += 1
                     ref = None
@@ -791,6 +902,13 @@ def prepare_dataset(
         final = [(item, text, ref) for item, text, ref in checked if item in in_sequences]
         counts["items_unused"] = len(checked) - len(final)
         counts["items"] = len(final)
+        if counts["users"] == 0:
+            reason = _why_nothing_kept(
+                counts, inter_label=inter_label, items_label=items_label, time_col=time_col, time_format=time_format,
+                bad_time_examples=bad_time_examples if time_col is not None else [], min_length=min_length,
+            )
+            nonzero = {k: v for k, v in counts.items() if v}
+            raise ValueError(f"the import keeps nothing, so nothing was written to {output_dir}: {reason}. Counts: {nonzero}")
         counts["items_with_text"] = sum(1 for _, text, _ in final if text)
         counts["items_with_image"] = sum(1 for _, _, ref in final if ref is not None)
         _check_balance(counts)
@@ -839,6 +957,43 @@ def prepare_dataset(
     if verbose:
         print(result.summary(), file=sys.stdout, flush=True)
     return result
+
+
+def _why_nothing_kept(
+    c: Mapping[str, int], *, inter_label: str, items_label: str, time_col: str | None, time_format: str | None,
+    bad_time_examples: list, min_length: int,
+) -> str:
+    """Why an import that keeps no user kept nothing: the first step of the pipeline that left no interaction."""
+    left = c["interactions_read"]
+    if left == 0:
+        return f"the interactions table {inter_label} has no rows (an empty or header-only file?)"
+    left -= c["interactions_outside_user_slice"] + c["interactions_missing_field"]
+    if left <= 0:
+        return (f"every interaction lacks a user, an item or a time (interactions_missing_field="
+                f"{c['interactions_missing_field']}); check user_col / item_col / time_col (CLI --user-col / "
+                "--item-col / --time-col)")
+    left -= c["interactions_bad_time"]
+    if left <= 0:
+        why = f"no interaction has a readable time in column {time_col!r} (interactions_bad_time={c['interactions_bad_time']}"
+        why += f", e.g. {bad_time_examples})" if bad_time_examples else ")"
+        if time_format is not None:
+            why += f": time_format {time_format!r} (CLI --time-format) matches none of them"
+        return why
+    left -= c["interactions_duplicate"] + c["interactions_unknown_item"]
+    if left <= 0:
+        if c["items_read"] == 0:
+            return f"the items table {items_label} has no rows (an empty or header-only file?)"
+        return (f"no interaction names an item of the items table {items_label} (interactions_unknown_item="
+                f"{c['interactions_unknown_item']}); check item_col / item_id_col (CLI --item-col / --item-id-col), or "
+                "keep such items with unknown_items='keep' (CLI --unknown-items keep)")
+    left -= c["interactions_dropped_item"]
+    if left <= 0:
+        dropped = {k: c[k] for k in ("texts_missing", "images_missing", "images_undecodable", "items_dropped_no_text",
+                                     "items_dropped_no_image") if c[k]}
+        return (f"every item with interactions was dropped by require_text / require_images (CLI --require-text / "
+                f"--require-images): {dropped}")
+    return (f"every user has fewer than min_length={min_length} interactions (users_too_short={c['users_too_short']}; "
+            "CLI --min-length)")
 
 
 def _check_balance(c: Mapping[str, int]) -> None:

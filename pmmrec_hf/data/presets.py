@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from .prepare import _TYPED_HEADER, PrepareResult, prepare_dataset, read_table
+from .prepare import _TYPED_HEADER, PrepareResult, _check_encoding, prepare_dataset, read_table
 
 __all__ = ["PRESETS", "Preset", "prepare_preset", "preset_kwargs"]
 
@@ -54,22 +54,22 @@ _ML100K_GENRES = {  # tmdb_items.csv genre flag columns -> the names used in Mov
 }
 
 
-def _tmdb_items(folder: Path) -> pd.DataFrame:
+def _tmdb_items(folder: Path, encoding: str = "utf-8") -> pd.DataFrame:
     """tmdb_items.csv with a ``genres`` column ("Animation, Children's, Comedy"); duplicates kept (the
     importer drops and counts them)."""
-    df = read_table(folder / "tmdb_items.csv")
+    df = read_table(folder / "tmdb_items.csv", encoding=encoding)
     flags = [c for c in _ML100K_GENRES if c in df.columns]
     genres = df[flags].fillna("0").eq("1")
     df["genres"] = [", ".join(_ML100K_GENRES[c] for c, on in zip(flags, row) if on) for row in genres.to_numpy()]
     return _frame(df, f"{folder / 'tmdb_items.csv'} (+ genres from its flag columns)")
 
 
-def _movielens_100k(source: Path) -> dict:
+def _movielens_100k(source: Path, encoding: str = "utf-8") -> dict:
     return dict(
         name="movielens-100k",
         interactions=source / "ml-100k" / "u.data",
         interactions_columns=["user_id", "item_id", "rating", "timestamp"],
-        items=_tmdb_items(source),
+        items=_tmdb_items(source, encoding),
         item_id_col="movie_id",
         text_template="{title}. {genres}. {overview}",
         image_pattern="posters/{item_id}.jpg",
@@ -80,8 +80,8 @@ def _movielens_100k(source: Path) -> dict:
 # ---- MovieLens-1M (RecBole files, joined to the 100K posters and synopses by exact title) ---------
 
 
-def _movielens_1m(source: Path, movielens_100k_dir: str | os.PathLike | None = "auto") -> dict:
-    items = read_table(source / "ml-1m.item")
+def _movielens_1m(source: Path, movielens_100k_dir: str | os.PathLike | None = "auto", encoding: str = "utf-8") -> dict:
+    items = read_table(source / "ml-1m.item", encoding=encoding)
     items["genres"] = [", ".join(str(g).split()) if isinstance(g, str) else "" for g in items["genre"]]
     info: dict[str, Any] = {}
     if movielens_100k_dir == "auto":
@@ -93,7 +93,7 @@ def _movielens_1m(source: Path, movielens_100k_dir: str | os.PathLike | None = "
             )
     if movielens_100k_dir is not None:
         ml100k = Path(movielens_100k_dir)
-        tmdb = read_table(ml100k / "tmdb_items.csv").drop_duplicates("movie_id")
+        tmdb = read_table(ml100k / "tmdb_items.csv", encoding=encoding).drop_duplicates("movie_id")
         tmdb["poster"] = [ml100k / "posters" / f"{m}.jpg" for m in tmdb["movie_id"]]
         tmdb["has_poster"] = [p.is_file() for p in tmdb["poster"]]
         tmdb["movie_number"] = pd.to_numeric(tmdb["movie_id"])
@@ -103,8 +103,8 @@ def _movielens_1m(source: Path, movielens_100k_dir: str | os.PathLike | None = "
         match = items["item_id"].map(tmdb["movie_id"])
         items["movielens_100k_id"] = match
         items["overview"] = items["item_id"].map(tmdb["overview"])
-        items["image"] = [
-            str(tmdb.at[t, "poster"]) if isinstance(m, str) and tmdb.at[t, "has_poster"] else None
+        items["image"] = [  # relative to the image root, the movielens-100k folder
+            str(tmdb.at[t, "poster"].relative_to(ml100k)) if isinstance(m, str) and tmdb.at[t, "has_poster"] else None
             for t, m in zip(items["item_id"], match)
         ]
         info = {"movielens_100k_dir": str(ml100k), "titles_matched": int(match.notna().sum())}
@@ -117,7 +117,7 @@ def _movielens_1m(source: Path, movielens_100k_dir: str | os.PathLike | None = "
         items=_frame(items, f"{source / 'ml-1m.item'} (+ movielens-100k synopses and posters by exact title)"),
         text_template="{item_id}. {genres}. {overview}",
         image_col="image",
-        image_root=source,
+        image_root=ml100k if movielens_100k_dir is not None else source,
         source_info=info,
     )
 
@@ -125,7 +125,7 @@ def _movielens_1m(source: Path, movielens_100k_dir: str | os.PathLike | None = "
 # ---- H&M -------------------------------------------------------------------------------------------
 
 
-def _hm(source: Path) -> dict:
+def _hm(source: Path, encoding: str = "utf-8") -> dict:
     return dict(
         name="hm",
         interactions=source / "transactions.csv",
@@ -145,14 +145,14 @@ def _hm(source: Path) -> dict:
 # ---- Amazon Office (rebuilt leave-one-out from train + dev + test) --------------------------------
 
 
-def _amazon_office(source: Path) -> dict:
+def _amazon_office(source: Path, encoding: str = "utf-8") -> dict:
     files = [source / f for f in ("train.csv", "dev.csv", "test.csv")]
-    inter = read_table(files, sep="\t", usecols=["user_id", "item_id", "time"])  # tab-separated despite .csv
-    index = read_table(source / "Office.item2index", columns=["asin", "item_id"])
+    inter = read_table(files, sep="\t", usecols=["user_id", "item_id", "time"], encoding=encoding)  # tab-separated despite .csv
+    index = read_table(source / "Office.item2index", columns=["asin", "item_id"], encoding=encoding)
     asin = dict(zip(index["item_id"], index["asin"]))
     # integer ids -> ASINs; an id absent from Office.item2index stays as written (an unknown item)
     inter["item_id"] = [asin.get(i, i) if isinstance(i, str) else i for i in inter["item_id"]]
-    texts = read_table(source / "Office.text")
+    texts = read_table(source / "Office.text", encoding=encoding)
     return dict(
         name="amazon-office",
         interactions=_frame(inter, " + ".join(str(f) for f in files) + " (item ids mapped to ASINs)"),
@@ -174,9 +174,9 @@ def _find_lmdb(source: Path) -> Path | None:
     return candidates[0] if candidates else None
 
 
-def _pmmrec(source: Path, lmdb_path: str | os.PathLike | None = "auto") -> dict:
+def _pmmrec(source: Path, lmdb_path: str | os.PathLike | None = "auto", encoding: str = "utf-8") -> dict:
     users_file, items_file = source / "users.tsv", source / "items_texts.tsv"
-    raw = read_table(users_file, columns=["user_id", "items"])
+    raw = read_table(users_file, columns=["user_id", "items"], encoding=encoding)
     if len(raw) and raw.iloc[0]["user_id"] == "user_id":  # a header line
         raw = raw.iloc[1:]
     rows = []
@@ -184,7 +184,7 @@ def _pmmrec(source: Path, lmdb_path: str | os.PathLike | None = "auto") -> dict:
         for position, item in enumerate(sequence.split() if isinstance(sequence, str) else []):
             rows.append((user, item, position))
     inter = _frame(pd.DataFrame(rows, columns=["user_id", "item_id", "position"]), str(users_file))
-    items = read_table(items_file, columns=["item_id", "title"])
+    items = read_table(items_file, columns=["item_id", "title"], encoding=encoding)
     if len(items) and items.iloc[0]["item_id"] == "item_id":
         items = items.iloc[1:].reset_index(drop=True)
     items = _frame(items, str(items_file))
@@ -203,20 +203,35 @@ def _pmmrec(source: Path, lmdb_path: str | os.PathLike | None = "auto") -> dict:
 # ---- RecBole atomic files --------------------------------------------------------------------------
 
 
-def _recbole(source: Path, dataset_name: str | None = None) -> dict:
+def _header(path: Path, encoding: str) -> list[str]:
+    """The tab-separated header line of a RecBole atomic file; a decode error names the file and the option."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with path.open("rb") as handle:
+        raw = handle.readline()
+    try:
+        return raw.decode(encoding).rstrip("\r\n").split("\t")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path}: line 1 (the header) is not valid {encoding} text ({err.reason} at byte {err.start + 1}); pass "
+            "encoding='latin-1' (CLI: --encoding latin-1) or the file's real encoding"
+        ) from err
+
+
+def _recbole(source: Path, dataset_name: str | None = None, encoding: str = "utf-8") -> dict:
     if dataset_name is None:
         found = sorted(source.glob("*.inter"))
         if len(found) != 1:
             raise ValueError(f"{source}: expected one .inter file, found {[p.name for p in found]}; pass dataset_name")
         dataset_name = found[0].stem
     inter_file, item_file = source / f"{dataset_name}.inter", source / f"{dataset_name}.item"
-    header = item_file.open(encoding="utf-8").readline().rstrip("\n").split("\t")
+    header = _header(item_file, encoding)
     text_cols = []
     for column in header:
         match = _TYPED_HEADER.match(column)
         if match and match.group(2) in ("token", "token_seq") and match.group(1) != "item_id":
             text_cols.append(match.group(1))
-    inter_header = inter_file.open(encoding="utf-8").readline().rstrip("\n").split("\t")
+    inter_header = _header(inter_file, encoding)
     has_time = any(c.split(":")[0] == "timestamp" for c in inter_header)
     return dict(
         name=dataset_name,
@@ -239,8 +254,8 @@ def _category_list(value) -> str:
     return ", ".join(part for part in parts if part)
 
 
-def _amazon_beauty(source: Path) -> dict:
-    items = read_table(source / "Amazon_Beauty.item", quoted=True)
+def _amazon_beauty(source: Path, encoding: str = "utf-8") -> dict:
+    items = read_table(source / "Amazon_Beauty.item", quoted=True, encoding=encoding)
     items["categories"] = [_category_list(v) for v in items["categories"]]
     return dict(
         name="amazon-beauty",
@@ -255,7 +270,7 @@ def _amazon_beauty(source: Path) -> dict:
 # ---- Amazon Video Games, UniSRec / RecBole sequential-benchmark files ------------------------------------
 
 
-def _amazon_games(source: Path, dataset_name: str | None = None) -> dict:
+def _amazon_games(source: Path, dataset_name: str | None = None, encoding: str = "utf-8") -> dict:
     if dataset_name is None:
         found = sorted(p.name[: -len(".test.inter")] for p in source.glob("*.test.inter"))
         if len(found) != 1:
@@ -291,9 +306,9 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def preset_kwargs(name: str, source: str | os.PathLike, **options: Any) -> dict:
+def preset_kwargs(name: str, source: str | os.PathLike, *, encoding: str = "utf-8", **options: Any) -> dict:
     """The ``prepare_dataset`` keyword arguments of preset ``name`` on ``source``; ``options`` are the
-    preset's own options (``Preset.options``)."""
+    preset's own options (``Preset.options``); ``encoding``: the text encoding of every file the preset reads."""
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
     preset = PRESETS[name]
@@ -303,7 +318,9 @@ def preset_kwargs(name: str, source: str | os.PathLike, **options: Any) -> dict:
     source = Path(source)
     if not source.is_dir():
         raise FileNotFoundError(f"{source}: no such source folder")
-    kwargs = preset.build(source, **options)
+    _check_encoding(encoding)
+    kwargs = preset.build(source, encoding=encoding, **options)
+    kwargs["encoding"] = encoding
     kwargs["source_info"] = {"preset": name, "folder": str(source), **kwargs.get("source_info", {})}
     return kwargs
 
@@ -316,7 +333,7 @@ def prepare_preset(name: str, source: str | os.PathLike, output_dir: str | os.Pa
     if preset is None:
         raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
     own = {k: kwargs.pop(k) for k in list(kwargs) if k in preset.options}
-    options = preset_kwargs(name, source, **own)
+    options = preset_kwargs(name, source, encoding=kwargs.get("encoding", "utf-8"), **own)
     options.update(kwargs)
     interactions, items = options.pop("interactions"), options.pop("items")
     return prepare_dataset(interactions, items, output_dir, **options)
