@@ -25,7 +25,7 @@ from pmmrec_hf.hub import (
     looks_untrained,
     push_pmmrec_to_hub,
 )
-from pmmrec_hf.testing.hub_server import DEFAULT_TOKENS, LocalHubServer, hub_env
+from hub_server import DEFAULT_TOKENS, LocalHubServer, hub_env
 from test_model_card import IMAGE, hub_client_for, tiny_card_config, tiny_model, tiny_tokenizer
 
 ALICE, BOB = "hf_local_alice", "hf_local_bob"

@@ -16,8 +16,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from pmmrec_hf.testing import hub_server
-from pmmrec_hf.testing.hub_server import DEFAULT_TOKENS, LocalHubServer, hub_env, use_local_hub
+import hub_server  # tests/hub_server.py
+from hub_server import DEFAULT_TOKENS, LocalHubServer, hub_env, use_local_hub
 
 # The module's pytest fixtures, made available to the tests of this file.
 local_hub_server = hub_server.local_hub_server

@@ -152,7 +152,7 @@ def test_the_scripts_take_the_new_options():
     spec = importlib.util.spec_from_file_location("example_pretrain", ROOT / "examples" / "pretrain.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    from pmmrec_hf.pipeline import training_config_from_args
+    from pmmrec_hf.commands.arguments import training_config_from_args
 
     args = module.parse_args(["--save-total-limit", "3", "--metric-for-best-model", "ndcg@10",
                               "--early-stopping-patience", "2", "--load-best-model-at-end", "--no-greater-is-better"])
