@@ -131,12 +131,12 @@ def hub_is_offline() -> bool:
 
 def probe_hub(endpoint: str | None = None, timeout: float = _PROBE_TIMEOUT_S) -> str | None:
     """None when the Hub at `endpoint` answers one request within `timeout` seconds, else why not."""
-    import httpx
+    from huggingface_hub import get_session
 
     url = _endpoint(endpoint) + "/api/whoami-v2"
-    try:
-        httpx.get(url, timeout=timeout)  # any HTTP answer (401 included) means the Hub is there
-    except httpx.HTTPError as err:
+    try:  # huggingface_hub's own HTTP client (its proxy settings), one request, no retries
+        get_session().get(url, timeout=timeout)  # any HTTP answer (401 included) means the Hub is there
+    except Exception as err:  # noqa: BLE001 - the transport's connect / timeout / DNS errors
         return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
     return None
 
@@ -183,4 +183,4 @@ def ensure_hub_access(repo_ids: list[str], command: str, *, write: bool = False,
             "cache. Give a local folder instead, or download it once where the Hub is reachable "
             "(`hf download REPO`).")
     _go_offline()
-    logger.warning("%s: %s; using the cached %s offline.", command, why, ", ".join(repo_ids))
+    _print_err(f"warning: {command}: {why}; using the cached {', '.join(repo_ids)} offline.")
