@@ -821,9 +821,13 @@ class _Handler(BaseHTTPRequestHandler):
         errors, warnings = card_metadata_problems(body["content"], repo_type)
         if errors:
             text = "Invalid metadata in README.md.\n" + "\n".join(f"- {e}" for e in errors)
-            if "text/plain" in (self.headers.get("Accept") or ""):
+            if "text/plain" in (self.headers.get("Accept") or ""):  # RepoCard.validate asks for text
                 return self._send(400, text.encode(), content_type="text/plain; charset=utf-8")
-            raise HubError(400, text)
+            # HfApi (before committing a README.md) reads {"errors": [{"message"}], "warnings": [...]}
+            header = text.encode("latin-1", "replace").decode("latin-1").replace("\n", " ")
+            return self._send_json({"error": text, "errors": [{"message": e} for e in errors],
+                                    "warnings": [{"message": w} for w in warnings]}, status=400,
+                                   headers={"X-Error-Message": header})
         return self._send_json({"errors": [], "warnings": [{"message": w} for w in warnings]})
 
     def _create_repo(self) -> int:
