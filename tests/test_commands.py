@@ -270,3 +270,31 @@ def test_prepare_train_finetune_evaluate_chain_with_config_files(tmp_path):
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["metrics"]["num_users"] == 120 and metrics["model"] == "outputs/finetune/full-lora/model"
     assert "metrics  metrics.json" in out
+
+
+@pytest.mark.slow
+def test_the_train_module_runs_under_accelerate_launch(tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "pmmrec_hf.commands.train",
+           "--synthetic-users", "60", "--synthetic-items", "30", "--hidden-size", "16", "--batch-size", "4",
+           "--report-to", "none", "--max-steps", "2", "--eval-steps", "0", "--max-eval-users", "10"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    state = json.loads((tmp_path / "outputs" / "pretrain" / "pmmrec" / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and state["num_processes"] == 1
+    assert "saved:" in result.stdout
+
+
+def test_the_package_builds_its_data_files_without_setuptools_warnings(tmp_path):
+    # the templates and the evaluate metric are data folders: listed as (namespace) packages, so setuptools
+    # installs them without its "Package ... is absent from the `packages` configuration" warnings
+    result = subprocess.run([sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "absent from the `packages`" not in output and "Package would be ignored" not in output, output[-3000:]
+    built = tmp_path / "pmmrec_hf"
+    for path in ("templates/model_card_template.md", "evaluate_metrics/pmmrec_ranking/pmmrec_ranking.py",
+                 "evaluate_metrics/pmmrec_ranking/README.md", "commands/train.py"):
+        assert (built / path).is_file(), path
+    assert not (built / "testing").exists() and not list(tmp_path.rglob("hub_server.py"))  # tests stay out
