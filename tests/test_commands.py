@@ -46,6 +46,7 @@ def test_every_command_is_an_installed_console_script():
         assert Path(_command(name)).is_file()
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch + transformers: ~5-25 s on a busy 2-core machine
 def test_train_help_from_a_fresh_process():
     result = subprocess.run([_command("pmmrec-train"), "--help"], capture_output=True, text=True, env=_env(),
                             timeout=300)

@@ -180,7 +180,7 @@ def ensure_hub_access(repo_ids: list[str], command: str, *, write: bool = False,
     if missing:
         raise HubUnavailableError(
             f"{command}: {why}, and {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not in the local "
-            "cache. Give a local folder instead, or download it once where the Hub is reachable "
-            "(`hf download REPO`).")
+            "cache (nor a local folder of that name). Give a local folder instead, or download it once where the "
+            "Hub is reachable (`hf download REPO`).")
     _go_offline()
     _print_err(f"warning: {command}: {why}; using the cached {', '.join(repo_ids)} offline.")
