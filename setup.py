@@ -1,6 +1,6 @@
 from pathlib import Path
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 here = Path(__file__).parent
 version = {}
@@ -47,10 +47,18 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["pmmrec_hf", "pmmrec_hf.*"]),
-    package_data={"pmmrec_hf": ["evaluate_metrics/*/*.py", "evaluate_metrics/*/*.md", "templates/*"]},
+    # namespace packages too: the data folders (templates/, evaluate_metrics/<metric>/) are listed as packages,
+    # so setuptools installs their files without warning about package data outside `packages`
+    packages=find_namespace_packages(include=["pmmrec_hf", "pmmrec_hf.*"], exclude=["*.__pycache__"]),
+    package_data={"pmmrec_hf.evaluate_metrics.pmmrec_ranking": ["*.py", "*.md"], "pmmrec_hf.templates": ["*.md"]},
     include_package_data=True,
     install_requires=install_requires,
     extras_require=extras,
-    entry_points={"console_scripts": ["pmmrec-prepare=pmmrec_hf.data.cli:main"]},
+    entry_points={"console_scripts": [
+        "pmmrec-prepare=pmmrec_hf.data.cli:main",
+        "pmmrec-train=pmmrec_hf.commands.train:cli",
+        "pmmrec-finetune=pmmrec_hf.commands.finetune:cli",
+        "pmmrec-evaluate=pmmrec_hf.commands.evaluate:cli",
+        "pmmrec-push=pmmrec_hf.commands.push:cli",
+    ]},
 )

@@ -334,7 +334,7 @@ def backbones(args) -> tuple[str, str]:
             from transformers import BertModel, CLIPVisionModel
 
             from pmmrec_hf.data.synthetic import synthetic_tokenizer
-            from pmmrec_hf.pipeline import tiny_backbone_configs
+            from pmmrec_hf.commands.arguments import tiny_backbone_configs
 
             tokenizer = synthetic_tokenizer()
             text_config, vision_config = tiny_backbone_configs(len(tokenizer), image_size=args.image_size, hidden=32)

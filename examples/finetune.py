@@ -1,117 +1,14 @@
 #!/usr/bin/env python
-"""Transfer a pre-trained PMMRec to a target dataset, in every setting the paper has.
+"""Transfer a pre-trained PMMRec to a target dataset: the installed `pmmrec-finetune` command, as a script.
 
-    python examples/finetune.py --pretrained outputs/pretrain/model --setting full
-    python examples/finetune.py --item-encoder me/pmmrec-item-encoder --setting item_encoder --dataset data/hm
-    python examples/finetune.py --pretrained outputs/pretrain/model --setting full --lora
+    python examples/finetune.py --pretrained outputs/pretrain/pmmrec/model --setting full
+    python examples/finetune.py --pretrained outputs/pretrain/pmmrec/model --setting full --lora
 
-Settings: full, item_encoder, user_encoder, text, vision, scratch (the control: no recommendation
-pre-training). Fine-tuning uses the next-item objective only by default. With --lora only LoRA adapters
-train; the adapter is saved on its own (<output-dir>/adapter) and merged into <output-dir>/model.
+`python examples/finetune.py --help` (or `pmmrec-finetune --help`) lists every option; the code is
+`pmmrec_hf/commands/finetune.py`.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
-import logging
-
-from pmmrec_hf.pipeline import (
-    add_data_args,
-    add_objective_args,
-    add_training_args,
-    build_collator,
-    load_data,
-    load_tokenizer_and_processor,
-    scoring_overrides,
-    training_config_from_args,
-)
-from pmmrec_hf.training import TrainingConfig, make_accelerator, popularity_metrics, save_pmmrec_outputs, train
-from pmmrec_hf.transfer import TRANSFER_SETTINGS, apply_lora, load_for_transfer
-
-DEFAULTS = TrainingConfig(output_dir="outputs/finetune", batch_size=32, learning_rate=1e-3, max_steps=100,
-                          eval_steps=50, logging_steps=5)
-WEIGHTS = {"next_item": 1.0, "nicl": 0.0, "nid": 0.0, "rcl": 0.0}
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    group = parser.add_argument_group("transfer")
-    group.add_argument("--setting", default="full", choices=TRANSFER_SETTINGS)
-    group.add_argument("--pretrained", default=None, help="pre-trained full model: folder or Hub id")
-    group.add_argument("--item-encoder", default=None, help="a separately published item encoder")
-    group.add_argument("--user-encoder", default=None, help="a separately published user encoder")
-    group.add_argument("--text-model", default=None,
-                       help="original text backbone (user_encoder / scratch settings re-start the towers from it)")
-    group.add_argument("--vision-model", default=None, help="original vision backbone")
-    group.add_argument("--random-towers", action="store_true",
-                       help="user_encoder / scratch without --text-model / --vision-model: start the towers from "
-                            "random weights (refused otherwise)")
-    group.add_argument("--tokenizer", default=None, help="tokenizer folder/id (default: the pre-trained model's)")
-    group.add_argument("--lora", action="store_true", help="train LoRA adapters only (towers, fusion, user encoder)")
-    group.add_argument("--lora-r", type=int, default=8)
-    group.add_argument("--lora-alpha", type=int, default=16)
-    group.add_argument("--lora-dropout", type=float, default=0.05)
-    add_data_args(parser)
-    add_objective_args(parser, WEIGHTS)
-    add_training_args(parser, DEFAULTS)
-    args = parser.parse_args(argv)
-    args.max_length = None  # taken from the model
-    args.research_image_transform = True
-    return args
-
-
-def main(argv=None) -> dict:
-    from accelerate.utils import set_seed
-
-    args = parse_args(argv)
-    config = training_config_from_args(args)
-    accelerator = make_accelerator(config)
-    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
-    set_seed(args.seed)
-    objective = dict(next_item_weight=args.next_item_weight, nicl_weight=args.nicl_weight,
-                     nid_weight=args.nid_weight, rcl_weight=args.rcl_weight, nicl_temperature=args.nicl_temperature,
-                     rcl_temperature=args.rcl_temperature, logq_correction=not args.no_logq,
-                     replace_prob=args.replace_prob, shuffle_prob=args.shuffle_prob,
-                     **scoring_overrides(args, new_model=False))
-    model = load_for_transfer(
-        args.setting, args.pretrained, item_encoder=args.item_encoder, user_encoder=args.user_encoder,
-        text_model=args.text_model, vision_model=args.vision_model, seed=args.seed,
-        random_towers=args.random_towers, **objective,
-    )
-    args.max_length = model.config.user_encoder_config.max_position_embeddings
-    args.modality = model.config.item_encoder_config.modality
-    source = args.tokenizer or args.pretrained or args.item_encoder or args.text_model
-    if args.modality != "vision" and source is None:
-        from pmmrec_hf.data.synthetic import synthetic_tokenizer
-
-        tokenizer = synthetic_tokenizer()
-    else:
-        args.text_model = source if args.modality != "vision" else None
-        tokenizer, _ = load_tokenizer_and_processor(args)
-    corrupt = args.nid_weight > 0 or args.rcl_weight > 0
-    config.replace_prob = args.replace_prob if corrupt else 0.0
-    config.shuffle_prob = args.shuffle_prob if corrupt else 0.0
-    data = load_data(args, accelerator.process_index, accelerator.num_processes)
-    collator = build_collator(model, data.items, tokenizer, None, args.max_length)
-    train_model = apply_lora(model, args.lora_r, args.lora_alpha, args.lora_dropout) if args.lora else model
-
-    def save(unwrapped, output_dir):
-        if args.lora:
-            unwrapped.save_pretrained(f"{output_dir}/adapter")  # adapter weights only
-            unwrapped = unwrapped.merge_and_unload()
-        save_pmmrec_outputs(unwrapped, output_dir, tokenizer)
-
-    if accelerator.is_main_process:
-        popular = popularity_metrics(data.train_counts, data.eval_rows, collator.items,
-                                     repeated_targets=args.repeated_targets)
-        accelerator.print(f"setting {args.setting}; most-popular hr@10 {popular['hr@10']:.4f}")
-    summary = train(train_model, data.train, collator, config, eval_rows=data.eval_rows, accelerator=accelerator,
-                    save_fn=save, batch_sampler=data.batch_sampler(args, accelerator.num_processes))
-    if accelerator.is_main_process and summary["eval_history"]:
-        accelerator.print(json.dumps({"setting": args.setting, "final": summary["eval_history"][-1]}, indent=1))
-    return summary
-
+from pmmrec_hf.commands.finetune import DEFAULTS, WEIGHTS, build_parser, cli, main, parse_args  # noqa: F401
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

@@ -490,6 +490,11 @@ def train(
     resume = config.resume_from_checkpoint
     if resume == "latest":
         resume = _latest_checkpoint(config.output_dir)
+        if resume is None:  # never a silent start from step 0
+            raise FileNotFoundError(
+                f"--resume-from-checkpoint latest: no complete checkpoint under {output_dir / 'checkpoints'}. "
+                "Checkpoints are written every --save-steps N steps (save_steps; the default 0 writes none). "
+                "Start without --resume-from-checkpoint, or give a checkpoint folder.")
     if resume:
         accelerator.load_state(resume)
         saved = json.loads((Path(resume) / TRAINER_STATE).read_text())

@@ -109,8 +109,10 @@ def main() -> None:
                 _check_world(args.expect_world_size, seen)
                 return original(*a, **kw)
 
+            from pmmrec_hf.commands import evaluate as evaluate_command
+
+            evaluate_command.evaluate_model = evaluate_model
             module = _load_example("evaluate")
-            module.evaluate_model = evaluate_model
         else:
             module = _load_example(args.script)
         summary = module.main(rest)

@@ -3,8 +3,8 @@
 import pytest
 
 from pmmrec_hf.data import load_items, load_prepared, make_synthetic_dataset, push_prepared_to_hub, read_metadata
-from pmmrec_hf.testing import hub_server
-from pmmrec_hf.testing.hub_server import use_local_hub
+import hub_server  # tests/hub_server.py
+from hub_server import use_local_hub
 
 local_hub_server = hub_server.local_hub_server
 TOKEN = "hf_local_alice"

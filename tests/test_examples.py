@@ -74,8 +74,9 @@ def test_finetune_every_setting(pretrained, tmp_path, setting):
 
 def test_finetune_with_lora_saves_adapter_and_merged_model(pretrained, tmp_path):
     out, _ = pretrained
-    finetune.main(TINY[:4] + TINY[6:] + ["--pretrained", str(out / "model"), "--lora", "--lora-r", "2",
-                                        "--max-steps", "2", "--eval-steps", "0", "--output-dir", str(tmp_path)])
+    summary = finetune.main(TINY[:4] + TINY[6:] + ["--pretrained", str(out / "model"), "--lora", "--lora-r", "2",
+                                                  "--max-steps", "2", "--eval-steps", "0", "--output-dir", str(tmp_path)])
+    assert summary["setting"] == "full+lora" and summary["saved"]["adapter"].startswith(f"{tmp_path}/adapter")
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
     merged = _state(tmp_path / "model")

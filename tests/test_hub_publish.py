@@ -25,7 +25,7 @@ from pmmrec_hf.hub import (
     looks_untrained,
     push_pmmrec_to_hub,
 )
-from pmmrec_hf.testing.hub_server import DEFAULT_TOKENS, LocalHubServer, hub_env
+from hub_server import DEFAULT_TOKENS, LocalHubServer, hub_env
 from test_model_card import IMAGE, hub_client_for, tiny_card_config, tiny_model, tiny_tokenizer
 
 ALICE, BOB = "hf_local_alice", "hf_local_bob"
@@ -346,3 +346,15 @@ def test_cli_publishes_a_saved_checkpoint_with_its_tokenizer(hub, tmp_path, caps
     # errors are reported, not raised
     assert cli.main(["--checkpoint", str(tmp_path / "ckpt"), "--item-encoder-repo", "x", "--token", "hf_bad"]) == 1
     assert "hf auth login" in capsys.readouterr().err
+
+
+def test_published_cards_pass_the_hubs_metadata_validation_and_a_bad_licence_fails(published, hub):
+    from huggingface_hub import ModelCard
+
+    for repo in ("alice/pub-item", "alice/pub-user", "alice/pub-full"):
+        ModelCard.load(repo).validate()  # the card as the Hub would check it
+    with pytest.raises(ValueError, match='"license" must be one of the Hub.*Nothing was published for: '
+                                         "'alice/bad-card-item'"):
+        push_pmmrec_to_hub(tiny_model(5), "bad-card-item", token=ALICE, card_data={"license": "not-a-license"})
+    api = HfApi(token=ALICE)
+    assert not api.repo_exists("alice/bad-card-item") or "README.md" not in api.list_repo_files("alice/bad-card-item")

@@ -16,8 +16,8 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from pmmrec_hf.testing import hub_server
-from pmmrec_hf.testing.hub_server import DEFAULT_TOKENS, LocalHubServer, hub_env, use_local_hub
+import hub_server  # tests/hub_server.py
+from hub_server import DEFAULT_TOKENS, LocalHubServer, hub_env, use_local_hub
 
 # The module's pytest fixtures, made available to the tests of this file.
 local_hub_server = hub_server.local_hub_server
@@ -232,3 +232,104 @@ def test_server_lifecycle_and_storage_persist(tmp_path):
         os.environ.get("HF_ENDPOINT"),
         os.environ.get("HF_TOKEN"),
     ) == before
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# card metadata validation (POST /api/validate-yaml and commits that write README.md), malformed requests
+# --------------------------------------------------------------------------------------------------------------------
+
+GOOD_CARD = """---
+license: apache-2.0
+library_name: transformers
+tags:
+- pmmrec
+- recommendation
+base_model:
+- sentence-transformers/all-MiniLM-L6-v2
+datasets:
+- alice/interactions
+language: [en]
+model-index:
+- name: pmmrec
+  results:
+  - task: {type: sequential-recommendation, name: Sequential recommendation}
+    dataset: {type: alice/interactions, name: interactions, split: test}
+    metrics:
+    - {type: hr@10, value: 0.5, name: HR@10}
+---
+# A card
+"""
+
+
+@pytest.mark.parametrize("change,message", [
+    (("license: apache-2.0", "license: not-a-license"), '"license" must be one of the Hub\'s license identifiers'),
+    (("tags:\n- pmmrec\n- recommendation", "tags: {a: 1}"), '"tags" must be a string or a list of strings'),
+    (("- sentence-transformers/all-MiniLM-L6-v2", "- not a/valid//id"), '"base_model" with value \'not a/valid//id\''),
+    (("base_model:\n- sentence-transformers/all-MiniLM-L6-v2", "base_model: 3"), '"base_model" must be a repo id'),
+    (("language: [en]", "language: [English]"), '"language" must hold ISO 639 language codes'),
+    (("    - {type: hr@10, value: 0.5, name: HR@10}", "    - {name: HR@10}"), 'needs a string "type" and a "value"'),
+    (("license: apache-2.0", "license: [apache-2.0"), "Invalid YAML in the metadata block"),
+])
+def test_validate_yaml_checks_card_metadata_like_the_hub(local_hub, monkeypatch, change, message):
+    from huggingface_hub import ModelCard
+
+    ModelCard(GOOD_CARD).validate()  # huggingface_hub's own client call; no error
+    bad = GOOD_CARD.replace(*change)
+    assert bad != GOOD_CARD
+    status, body = _post_validate_yaml(local_hub, bad)  # the card's text as written (ModelCard would normalise it)
+    assert status == 400 and any(message in e["message"] for e in body["errors"]), body
+    api = _api(local_hub)
+    api.create_repo("card-check", exist_ok=True)
+    with pytest.raises(ValueError, match="Invalid metadata in README.md") as err:  # HfApi validates before a commit
+        api.upload_file(path_or_fileobj=bad.encode(), path_in_repo="README.md", repo_id="alice/card-check")
+    assert message in str(err.value)
+    # and the server refuses the commit itself (a client that skips validate-yaml)
+    with monkeypatch.context() as patch:
+        patch.setattr(HfApi, "_validate_yaml", lambda self, *a, **k: None)
+        with pytest.raises(HfHubHTTPError) as http_err:
+            api.upload_file(path_or_fileobj=bad.encode(), path_in_repo="README.md", repo_id="alice/card-check")
+    assert http_err.value.response.status_code == 400 and message in str(http_err.value)
+    assert "README.md" not in api.list_repo_files("alice/card-check")
+    api.upload_file(path_or_fileobj=GOOD_CARD.encode(), path_in_repo="README.md", repo_id="alice/card-check")
+    assert not local_hub.errors
+
+
+def _post_validate_yaml(server, content, repo_type="model"):
+    import json as json_
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(f"{server.endpoint}/api/validate-yaml", method="POST",
+                                     data=json_.dumps({"repoType": repo_type, "content": content}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json_.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json_.loads(err.read())
+
+
+def test_validate_yaml_accepts_other_licenses_with_a_warning_and_dataset_cards(local_hub):
+    status, body = _post_validate_yaml(local_hub, "---\nlicense: other\n---\n")
+    assert status == 200 and body["errors"] == [] and "license_name" in body["warnings"][0]["message"]
+    dataset_card = "---\nlicense: cc-by-4.0\ntags: [x]\nconfigs: [{config_name: default}]\n---\n"
+    assert _post_validate_yaml(local_hub, dataset_card, "dataset")[0] == 200
+    status, body = _post_validate_yaml(local_hub, dataset_card.replace("cc-by-4.0", "cc-by-5.0"), "dataset")
+    assert status == 400 and '"license"' in body["errors"][0]["message"]
+
+
+@pytest.mark.parametrize("length", ["abc", "-1", "1e3", "12, 12"])
+def test_malformed_content_length_is_a_400_not_a_500(local_hub_server, length):
+    import http.client
+    import json as json_
+
+    host, port = local_hub_server.endpoint.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.putrequest("POST", "/api/validate-yaml")
+    conn.putheader("Content-Length", length)
+    conn.endheaders()
+    response = conn.getresponse()
+    body = json_.loads(response.read())
+    conn.close()
+    assert response.status == 400 and "Malformed Content-Length" in body["error"]
+    assert not local_hub_server.errors  # no traceback: not a server bug

@@ -22,7 +22,7 @@ from transformers import BertConfig, BertTokenizer, CLIPVisionConfig
 from pmmrec_hf import PMMRecConfig, PMMRecItemEncoderConfig, PMMRecModel, PMMRecUserEncoderConfig
 from pmmrec_hf.hub import looks_untrained, push_pmmrec_to_hub
 from pmmrec_hf.model_card import CITATION, PMMRecCardData, backbone_base_models, render_model_card
-from pmmrec_hf.testing.hub_server import DEFAULT_TOKENS, LocalHubServer, use_local_hub
+from hub_server import DEFAULT_TOKENS, LocalHubServer, use_local_hub
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES_DIR = ROOT / "model_cards"

@@ -11,7 +11,7 @@ from tiny_models import tiny_batch, tiny_config
 
 from pmmrec_hf import PMMRecConfig, PMMRecModel
 from pmmrec_hf.losses import next_item_loss
-from pmmrec_hf.pipeline import scoring_overrides
+from pmmrec_hf.commands.arguments import scoring_overrides
 from pmmrec_hf.sasrec import SASRecConfig, SASRecModel
 from pmmrec_hf.transfer import load_for_transfer
 

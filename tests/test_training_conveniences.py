@@ -166,7 +166,7 @@ def test_the_scripts_take_the_new_options():
     spec = importlib.util.spec_from_file_location("example_pretrain", ROOT / "examples" / "pretrain.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    from pmmrec_hf.pipeline import training_config_from_args
+    from pmmrec_hf.commands.arguments import training_config_from_args
 
     args = module.parse_args(["--save-total-limit", "3", "--metric-for-best-model", "ndcg@10",
                               "--early-stopping-patience", "2", "--load-best-model-at-end", "--no-greater-is-better"])
@@ -246,3 +246,11 @@ def test_one_nan_pixel_is_caught_at_the_step_it_enters():
     batch["pixel_values"][2, 0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match=r"the loss is nan at step 7 \(next_item_loss nan, nicl_loss nan"):
         _check_finite_loss(_loss_values(model(**batch)), 7)
+
+
+def test_resume_latest_without_any_checkpoint_refuses_instead_of_starting_over(data, tmp_path):
+    collator, rows, _ = data
+    train(_model(collator), rows, collator, _config(tmp_path, max_steps=2, eval_steps=0))  # save_steps=0: none
+    assert not (tmp_path / "checkpoints").exists() and (tmp_path / "model.safetensors").exists()
+    with pytest.raises(FileNotFoundError, match=r"latest: no complete checkpoint under .*checkpoints.*--save-steps"):
+        train(_model(collator), rows, collator, _config(tmp_path, max_steps=2, resume_from_checkpoint="latest"))

@@ -32,8 +32,8 @@ from pmmrec_hf.data import cli, load_items, load_prepared, make_synthetic_datase
 from pmmrec_hf.data.prepare import push_prepared_to_hub  # noqa: E402
 from pmmrec_hf.hub import PMMRecAuthError  # noqa: E402
 from pmmrec_hf.metrics import target_ranks  # noqa: E402
-from pmmrec_hf.testing import hub_server  # noqa: E402
-from pmmrec_hf.testing.hub_server import use_local_hub  # noqa: E402
+import hub_server  # noqa: E402 (tests/hub_server.py)
+from hub_server import use_local_hub  # noqa: E402
 
 local_hub_server = hub_server.local_hub_server
 TOKEN = "hf_local_alice"

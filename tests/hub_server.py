@@ -31,7 +31,7 @@ Storage layout (under the ``root`` folder given to :class:`LocalHubServer`)::
 
 Use in a test::
 
-    from pmmrec_hf.testing.hub_server import LocalHubServer, use_local_hub
+    from hub_server import LocalHubServer, use_local_hub
 
     with LocalHubServer(tmp_path / "hub", tokens={"hf_alice": "alice"}) as server, use_local_hub(server):
         api = HfApi(endpoint=server.endpoint, token="hf_alice")
@@ -141,6 +141,117 @@ def _git_blob_sha1(content: bytes) -> str:
     h = hashlib.sha1(f"blob {len(content)}\0".encode())
     h.update(content)
     return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# card metadata: the checks the Hub applies to a README's YAML block (``POST /api/validate-yaml`` and every commit
+# that writes README.md), for the fields pmmrec_hf writes. Licence identifiers: https://huggingface.co/docs/hub/
+# repositories-licenses; fields: the model card spec (https://huggingface.co/docs/hub/model-cards) as
+# ``huggingface_hub.ModelCardData`` / ``DatasetCardData`` read them.
+# --------------------------------------------------------------------------------------------------------------------
+
+HUB_LICENSES = frozenset("""
+apache-2.0 mit openrail bigscience-openrail-m creativeml-openrail-m bigscience-bloom-rail-1.0 bigcode-openrail-m
+afl-3.0 artistic-2.0 bsl-1.0 bsd bsd-2-clause bsd-3-clause bsd-3-clause-clear c-uda cc cc0-1.0 cc-by-2.0 cc-by-2.5
+cc-by-3.0 cc-by-4.0 cc-by-sa-3.0 cc-by-sa-4.0 cc-by-nc-2.0 cc-by-nc-3.0 cc-by-nc-4.0 cc-by-nd-4.0 cc-by-nc-nd-3.0
+cc-by-nc-nd-4.0 cc-by-nc-sa-2.0 cc-by-nc-sa-3.0 cc-by-nc-sa-4.0 cdla-sharing-1.0 cdla-permissive-1.0
+cdla-permissive-2.0 wtfpl ecl-2.0 epl-1.0 epl-2.0 etalab-2.0 eupl-1.1 eupl-1.2 agpl-3.0 gfdl gpl gpl-2.0 gpl-3.0 lgpl
+lgpl-2.1 lgpl-3.0 isc h-research intel-research lppl-1.3c ms-pl apple-ascl apple-amlr mpl-2.0 odc-by odbl
+openmdw-1.0 openrail++ osl-3.0 postgresql ofl-1.1 ncsa unlicense zlib pddl lgpl-lr deepfloyd-if-license
+fair-noncommercial-research-license llama2 llama3 llama3.1 llama3.2 llama3.3 llama4 grok2-community gemma unknown
+other
+""".split())
+_REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,94}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_LANGUAGE_RE = re.compile(r"^[a-z]{2,3}(?:[-_][A-Za-z0-9]{2,8})*$")
+_STRING_LIST_FIELDS = ("tags", "datasets", "metrics", "language")
+
+
+def _string_or_list(value: Any) -> list | None:
+    """The Hub accepts a string or a list of strings for its list fields; None for anything else."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    return None
+
+
+def card_metadata_problems(content: str, repo_type: str = "model") -> tuple[list[str], list[str]]:
+    """(errors, warnings) of a card's YAML metadata block, checked the way the Hub checks the fields we write."""
+    import yaml
+
+    errors: list[str] = []
+    warnings: list[str] = []
+    match = re.match(r"^\s*---[ \t]*\r?\n(.*?\r?\n)?---[ \t]*(?:\r?\n|$)", content, re.S)
+    if match is None:
+        return errors, ["empty or missing yaml metadata in repo card"]
+    try:
+        data = yaml.safe_load(match.group(1) or "") or {}
+    except yaml.YAMLError as err:
+        return [f"Invalid YAML in the metadata block: {err}"], warnings
+    if not isinstance(data, dict):
+        return [f"The metadata block must be a YAML mapping, not {type(data).__name__}"], warnings
+    if "license" in data:
+        license_ = data["license"]
+        if not isinstance(license_, str) or license_ not in HUB_LICENSES:
+            errors.append(f'"license" must be one of the Hub\'s license identifiers '
+                          f"(https://huggingface.co/docs/hub/repositories-licenses), got {license_!r}")
+        elif license_ == "other" and not data.get("license_name"):
+            warnings.append('"license: other" should come with "license_name" (and a LICENSE file)')
+    for name in _STRING_LIST_FIELDS:
+        if name in data and _string_or_list(data[name]) is None:
+            errors.append(f'"{name}" must be a string or a list of strings, got {data[name]!r}')
+    for lang in _string_or_list(data.get("language")) or []:
+        if not _LANGUAGE_RE.match(lang):
+            errors.append(f'"language" must hold ISO 639 language codes (e.g. "en"), got {lang!r}')
+    for name in ("datasets", "base_model") if repo_type == "model" else ("base_model",):
+        if name not in data or (name == "datasets" and _string_or_list(data[name]) is None):
+            continue
+        ids = _string_or_list(data[name])
+        if ids is None:
+            errors.append(f'"{name}" must be a repo id or a list of repo ids, got {data[name]!r}')
+            continue
+        for repo in ids:
+            if not _REPO_ID_RE.match(repo) or "--" in repo or ".." in repo:
+                errors.append(f'"{name}" with value {repo!r} is not a valid repo id (namespace/name)')
+    for name in ("library_name", "pipeline_tag", "pretty_name", "license_name", "license_link", "model_name"):
+        if name in data and not isinstance(data[name], str):
+            errors.append(f'"{name}" must be a string, got {data[name]!r}')
+    if repo_type == "model" and "model-index" in data:
+        errors += _model_index_problems(data["model-index"])
+    return errors, warnings
+
+
+def _model_index_problems(index: Any) -> list[str]:
+    """The model-index structure the Hub requires: [{name, results: [{task: {type}, dataset: {type, name},
+    metrics: [{type, value}]}]}] (what ``huggingface_hub.model_index_to_eval_results`` reads)."""
+    if not isinstance(index, list) or not index:
+        return ['"model-index" must be a non-empty list']
+    problems = []
+    for i, model in enumerate(index):
+        if not isinstance(model, dict) or not isinstance(model.get("name"), str):
+            problems.append(f'"model-index[{i}].name" must be a string')
+            continue
+        results = model.get("results")
+        if not isinstance(results, list):
+            problems.append(f'"model-index[{i}].results" must be a list')
+            continue
+        for j, result in enumerate(results):
+            where = f"model-index[{i}].results[{j}]"
+            if not isinstance(result, dict):
+                problems.append(f'"{where}" must be a mapping')
+                continue
+            task, dataset, metrics = result.get("task"), result.get("dataset"), result.get("metrics")
+            if not isinstance(task, dict) or not isinstance(task.get("type"), str):
+                problems.append(f'"{where}.task.type" must be a string')
+            if not isinstance(dataset, dict) or not all(isinstance(dataset.get(k), str) for k in ("type", "name")):
+                problems.append(f'"{where}.dataset" needs string "type" and "name"')
+            if not isinstance(metrics, list) or not metrics:
+                problems.append(f'"{where}.metrics" must be a non-empty list')
+                continue
+            for k, metric in enumerate(metrics):
+                if not isinstance(metric, dict) or not isinstance(metric.get("type"), str) or "value" not in metric:
+                    problems.append(f'"{where}.metrics[{k}]" needs a string "type" and a "value"')
+    return problems
 
 
 def _validate_file_path(path: Any) -> str:
@@ -307,6 +418,7 @@ class _Store:
         message: str,
         author: str,
         parent_commit: str | None,
+        repo_type: str = "model",
     ) -> str:
         refs = self.load_refs(rdir)
         branch = branch.removeprefix("refs/heads/")
@@ -332,6 +444,10 @@ class _Store:
                     data = str(content).encode()
                 else:
                     raise HubError(400, f"Unsupported encoding '{encoding}' for '{path}'")
+                if path == "README.md":  # the Hub refuses a commit whose card metadata is invalid
+                    errors, _ = card_metadata_problems(data.decode("utf-8", "replace"), repo_type)
+                    if errors:
+                        raise HubError(400, "Invalid metadata in README.md.\n" + "\n".join(f"- {e}" for e in errors))
                 tree[path] = {"oid": self.write_blob(rdir, data), "size": len(data)}
             elif key == "lfsFile":
                 raise HubError(
@@ -453,7 +569,11 @@ class _Handler(BaseHTTPRequestHandler):
                 chunks.append(self.rfile.read(size))
                 self.rfile.readline(8)
             return b"".join(chunks)
-        length = int(self.headers.get("Content-Length") or 0)
+        raw_length = (self.headers.get("Content-Length") or "0").strip()
+        if not raw_length.isdigit():  # "abc", "-1", "1e3", "1, 2": the Hub's front end answers 400
+            self.close_connection = True  # the body's extent is unknown: the connection cannot stay in sync
+            raise HubError(400, f"Malformed Content-Length header: {raw_length!r}")
+        length = int(raw_length)
         if length > limit:
             self.close_connection = True
             raise HubError(413, f"Request body larger than {limit} bytes")
@@ -583,7 +703,7 @@ class _Handler(BaseHTTPRequestHandler):
         if seg == ["whoami-v2"] and method == "GET":
             return self._whoami()
         if seg == ["validate-yaml"] and method == "POST":
-            return self._send_json({"errors": [], "warnings": []})
+            return self._validate_yaml()
         if seg == ["repos", "create"] and method == "POST":
             return self._create_repo()
         if seg == ["repos", "delete"] and method == "DELETE":
@@ -686,6 +806,29 @@ class _Handler(BaseHTTPRequestHandler):
                 },
             }
         )
+
+    def _validate_yaml(self) -> int:
+        """Like the Hub: 400 with the errors (text/plain when asked for it), else 200 {"errors": [], "warnings"}."""
+        try:
+            body = json.loads(self._body or b"{}")
+        except ValueError as err:
+            raise HubError(400, f"Invalid JSON body: {err}") from err
+        if not isinstance(body, dict) or not isinstance(body.get("content"), str):
+            raise HubError(400, 'validate-yaml needs a JSON body {"repoType": ..., "content": "<card text>"}')
+        repo_type = body.get("repoType") or "model"
+        if repo_type not in _PLURAL_TO_TYPE.values():
+            raise HubError(400, f"Invalid repoType: {repo_type!r}")
+        errors, warnings = card_metadata_problems(body["content"], repo_type)
+        if errors:
+            text = "Invalid metadata in README.md.\n" + "\n".join(f"- {e}" for e in errors)
+            if "text/plain" in (self.headers.get("Accept") or ""):  # RepoCard.validate asks for text
+                return self._send(400, text.encode(), content_type="text/plain; charset=utf-8")
+            # HfApi (before committing a README.md) reads {"errors": [{"message"}], "warnings": [...]}
+            header = text.encode("latin-1", "replace").decode("latin-1").replace("\n", " ")
+            return self._send_json({"error": text, "errors": [{"message": e} for e in errors],
+                                    "warnings": [{"message": w} for w in warnings]}, status=400,
+                                   headers={"X-Error-Message": header})
+        return self._send_json({"errors": [], "warnings": [{"message": w} for w in warnings]})
 
     def _create_repo(self) -> int:
         user = self._require_user()
@@ -1025,6 +1168,7 @@ class _Handler(BaseHTTPRequestHandler):
                 str(header.get("description") or ""),
                 user,
                 header.get("parentCommit"),
+                repo_type=repo_type,
             )
         url = f"{self._repo_url(repo_type, repo_id)}/commit/{sha}"
         return self._send_json(
@@ -1388,7 +1532,7 @@ def _reset_hf_session() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# pytest fixtures (import them in a test module or conftest: `from pmmrec_hf.testing.hub_server import local_hub`)
+# pytest fixtures (import them in a test module or conftest: `from hub_server import local_hub`)
 # --------------------------------------------------------------------------------------------------------------------
 
 try:

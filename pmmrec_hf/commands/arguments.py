@@ -1,4 +1,5 @@
-"""Shared pieces of the example scripts: arguments, data loading, model building, collators."""
+"""What the training commands share: their argument groups, and turning parsed arguments into the data, the model
+and the collator (``pmmrec-train``, ``pmmrec-finetune``, ``pmmrec-evaluate``; ``examples/*.py`` call them)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,9 @@ import logging
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .configuration_pmmrec import PMMRecConfig, PMMRecItemEncoderConfig, PMMRecUserEncoderConfig
-from .modeling_pmmrec import PMMRecItemEncoder, PMMRecModel
-from .training import TrainingConfig
+from ..configuration_pmmrec import PMMRecConfig, PMMRecItemEncoderConfig, PMMRecUserEncoderConfig
+from ..modeling_pmmrec import PMMRecItemEncoder, PMMRecModel
+from ..training import TrainingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ class LoadedData:
         """The per-platform batch sampler asked for by --mixture-batches (None for mixed batches)."""
         if self.mixture is None or getattr(args, "mixture_batches", "mixed") == "mixed":
             return None
-        from .data.mixture import PlatformBatchSampler
+        from ..data.mixture import PlatformBatchSampler
 
         if self.mixture.row_platform is None:
             raise ValueError("--mixture-batches per-platform needs map-style data: drop --streaming.")
@@ -169,13 +170,13 @@ def load_data(args: argparse.Namespace, process_index: int = 0, num_processes: i
         return _load_mixture(args, datasets_given, process_index, num_processes)
     dataset = datasets_given[0]
     if dataset == SYNTHETIC:
-        from .data.synthetic import make_synthetic_dataset
+        from ..data.synthetic import make_synthetic_dataset
 
         data = make_synthetic_dataset(num_items=args.synthetic_items, num_users=args.synthetic_users,
                                       seed=args.seed, max_length=args.max_length)
         items, train, eval_split = data.items, data.splits["train"], data.splits[args.eval_split]
     else:
-        from .data.format import load_items, load_prepared, shard_for_process
+        from ..data.format import load_items, load_prepared, shard_for_process
 
         items, _ = load_items(dataset, decode_images=False)
         splits = load_prepared(dataset)
@@ -198,15 +199,15 @@ def _train_fraction(args: argparse.Namespace, train):
     fraction = getattr(args, "train_fraction", 1.0)
     if fraction == 1.0:
         return train
-    from .data.format import subset_users
+    from ..data.format import subset_users
 
     return subset_users(train, fraction, seed=getattr(args, "train_fraction_seed", 0))
 
 
 def _load_mixture(args: argparse.Namespace, folders: list[str], process_index: int, num_processes: int) -> LoadedData:
     """Several prepared datasets mixed (``pmmrec_hf.data.mixture``); evaluation on every platform's users."""
-    from .data.format import shard_for_process
-    from .data.mixture import mix_prepared
+    from ..data.format import shard_for_process
+    from ..data.mixture import mix_prepared
 
     if SYNTHETIC in folders:
         raise ValueError("--dataset: the built-in 'synthetic' dataset cannot be mixed; prepare it to a folder first "
@@ -257,7 +258,7 @@ def load_tokenizer_and_processor(args: argparse.Namespace):
 
             tokenizer = AutoTokenizer.from_pretrained(args.text_model)
         else:
-            from .data.synthetic import synthetic_tokenizer
+            from ..data.synthetic import synthetic_tokenizer
 
             tokenizer = synthetic_tokenizer()
     if args.modality != "text" and args.vision_model and not args.research_image_transform:
@@ -297,7 +298,7 @@ def build_model(args: argparse.Namespace, tokenizer, num_items: int | None = Non
     if dropout is not None:
         user_kwargs.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
     if args.model_type == "sasrec":
-        from .sasrec import SASRecConfig, SASRecModel
+        from ..sasrec import SASRecConfig, SASRecModel
 
         return SASRecModel(SASRecConfig(num_items=num_items, logq_correction=not args.no_logq,
                                         **scoring_overrides(args, new_model=True), **user_kwargs))
@@ -336,7 +337,7 @@ def build_model(args: argparse.Namespace, tokenizer, num_items: int | None = Non
 
 def build_collator(model, items, tokenizer, image_processor, max_length: int):
     """The training collator matching the model (corruption is applied in the training loop, per step)."""
-    from .data.collator import PMMRecCollator
+    from ..data.collator import PMMRecCollator
 
     if not hasattr(model.config, "item_encoder_config"):  # SASRec: ids only
         return PMMRecCollator(items, modality="ids", max_length=max_length)
