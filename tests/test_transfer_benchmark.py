@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ TINY = ["--synthetic", "--tiny-backbones", "--max-users", "24", "--batch-size", 
 def _load_script():
     spec = importlib.util.spec_from_file_location("transfer_benchmark", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
     return module
 
