@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .format import DEFAULT_MAX_ROWS_PER_FILE, save_prepared
+from .format import DEFAULT_MAX_ROWS_PER_FILE, check_output_folder, save_prepared
 
 DEFAULT_MAX_LENGTH = 20
 DEFAULT_MIN_LENGTH = 3
@@ -507,6 +507,9 @@ class PrepareResult:
         return "\n".join(lines)
 
 
+_HUB_DATA_PATTERNS = ["*.parquet", "pmmrec_dataset.json", ".pmmrec-complete.json"]
+
+
 def push_prepared_to_hub(
     folder: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool | None = None,
     commit_message: str = "Upload prepared PMMRec dataset",
@@ -516,8 +519,36 @@ def push_prepared_to_hub(
 
     api = HfApi(token=token)
     url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset", commit_message=commit_message)
+    # one commit: the new files and the removal of an earlier version's data files that this one does not
+    # have (e.g. another number of shards), so the repo never shows a mix of two versions
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset", commit_message=commit_message,
+                      delete_patterns=_HUB_DATA_PATTERNS)
     return str(url)
+
+
+def check_output_outside_inputs(output_dir: str | os.PathLike, inputs: Iterable[Any],
+                                source_root: str | os.PathLike | None = None) -> None:
+    """Refuse an output folder that is an input's folder or holds an input (writing it would replace the
+    inputs), or, with a `source_root` (a preset's source folder), one equal to it or holding it. (A folder
+    inside the source is allowed: writing it touches no input.)"""
+    output = Path(output_dir).expanduser().resolve()
+    paths = []
+    for value in inputs:
+        if isinstance(value, (str, os.PathLike)):
+            paths.append(Path(value))
+        elif isinstance(value, (list, tuple)):
+            paths += [Path(v) for v in value if isinstance(v, (str, os.PathLike))]
+    for path in paths:
+        path = path.expanduser().resolve()
+        folder = path if path.is_dir() else path.parent
+        if output == folder or output in folder.parents:
+            raise ValueError(f"--output {output_dir} holds the input {path}: writing the dataset there would "
+                             "replace the inputs; choose a folder outside the source.")
+    if source_root is not None:
+        root = Path(source_root).expanduser().resolve()
+        if output == root or output in root.parents:
+            raise ValueError(f"--output {output_dir} is the source folder {source_root} or holds it: writing the "
+                             "dataset there would replace the inputs; choose another folder.")
 
 
 def _first_users(users: pd.Series, max_users: int) -> set:
@@ -570,6 +601,7 @@ def prepare_dataset(
     private: bool | None = None,
     progress: bool = True,
     verbose: bool = True,
+    overwrite: bool = False,
 ) -> PrepareResult:
     """Import an interactions table and an items table into a prepared folder (docs/formats.md).
 
@@ -616,6 +648,8 @@ def prepare_dataset(
         max_rows_per_file, num_shards: see ``save_prepared``.
         push_to_hub: a Hub dataset repo id to upload the folder to (``token``, ``private``).
         progress, verbose: tqdm progress bars; print the summary at the end.
+        overwrite: write into an existing ``output_dir`` that is not a prepared dataset (see
+            ``save_prepared``). ``output_dir`` may never be an input's folder or hold an input.
     """
     from tqdm.auto import tqdm
 
@@ -634,6 +668,8 @@ def prepare_dataset(
     if max_users is not None and max_users < 1:
         raise ValueError(f"max_users must be >= 1, got {max_users}")
     _check_lengths(max_length, min_length)
+    check_output_folder(output_dir, overwrite)
+    check_output_outside_inputs(output_dir, [interactions, items, image_root, image_lmdb])
     item_id_col = item_id_col or item_col
     counts = dict.fromkeys(COUNT_NAMES, 0)
 
@@ -827,7 +863,7 @@ def prepare_dataset(
         }
         written = save_prepared(
             output_dir, item_rows, splits, metadata,
-            max_rows_per_file=max_rows_per_file, num_shards=num_shards, progress=progress,
+            max_rows_per_file=max_rows_per_file, num_shards=num_shards, progress=progress, overwrite=overwrite,
         )
     finally:
         if images is not None:

@@ -22,7 +22,7 @@ from typing import Any
 
 import pandas as pd
 
-from .prepare import _TYPED_HEADER, PrepareResult, prepare_dataset, read_table
+from .prepare import _TYPED_HEADER, PrepareResult, check_output_outside_inputs, prepare_dataset, read_table
 
 __all__ = ["PRESETS", "Preset", "prepare_preset", "preset_kwargs"]
 
@@ -319,4 +319,5 @@ def prepare_preset(name: str, source: str | os.PathLike, output_dir: str | os.Pa
     options = preset_kwargs(name, source, **own)
     options.update(kwargs)
     interactions, items = options.pop("interactions"), options.pop("items")
+    check_output_outside_inputs(output_dir, [], source_root=source)
     return prepare_dataset(interactions, items, output_dir, **options)
