@@ -92,7 +92,7 @@ def aside_path(target: str | os.PathLike) -> Path:
 
 def is_work_name(name: str) -> bool:
     """A temporary or aside folder of an atomic write (never a complete output under its own name)."""
-    return name.startswith(".") and (name.endswith(TMP_SUFFIX) or name.endswith(ASIDE_SUFFIX))
+    return name.startswith(".") and (name.endswith((TMP_SUFFIX, ASIDE_SUFFIX)))
 
 
 def read_marker(folder: str | os.PathLike) -> dict | None:

@@ -842,9 +842,13 @@ def _rotate_checkpoints(accelerator, config: TrainingConfig, state: _RunState) -
         keep = set(steps[-limit:])
         if state.best_step is not None:
             keep.add(state.best_step)
+        from .atomic_io import aside_path
+
         for old in steps:
-            if old not in keep:
-                shutil.rmtree(_checkpoint_path(config.output_dir, old), ignore_errors=True)
+            if old not in keep:  # renamed out of the step_<N> names first: a kill mid-delete leaves no half one
+                path = _checkpoint_path(config.output_dir, old)
+                os.replace(path, aside_path(path))
+                shutil.rmtree(aside_path(path), ignore_errors=True)
     accelerator.wait_for_everyone()
 
 

@@ -315,9 +315,9 @@ def prepare_preset(name: str, source: str | os.PathLike, output_dir: str | os.Pa
     preset = PRESETS.get(name)
     if preset is None:
         raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    check_output_outside_inputs(output_dir, [], source_root=source)
     own = {k: kwargs.pop(k) for k in list(kwargs) if k in preset.options}
     options = preset_kwargs(name, source, **own)
     options.update(kwargs)
     interactions, items = options.pop("interactions"), options.pop("items")
-    check_output_outside_inputs(output_dir, [], source_root=source)
     return prepare_dataset(interactions, items, output_dir, **options)
