@@ -7,6 +7,7 @@ transformers and its sibling files.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import torch
@@ -404,8 +405,32 @@ class PMMRecPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["PMMRecTransformerLayer"]
     _supports_sdpa = True
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``PreTrainedModel.save_pretrained``, atomic (``pmmrec_hf.atomic_io.InPlaceWrite``): the files are
+        written to a temporary sibling folder and moved in only when complete; other files in the folder are
+        kept, weight files of an earlier save that this one does not write are removed. An interrupted save
+        leaves the previous version, restored by the next load or save of the folder."""
+        try:
+            from pmmrec_hf.atomic_io import in_place_write, is_weights_file
+        except ImportError:  # a remote-code copy of this file: the plain save
+            in_place_write = None
+        if in_place_write is None or args or kwargs.get("push_to_hub") or not kwargs.get("is_main_process", True) \
+                or os.path.isfile(save_directory):
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        with in_place_write(save_directory, replaces=is_weights_file) as tmp:
+            return super().save_pretrained(str(tmp), **kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        # a local folder whose last save was interrupted: put its previous version back first
+        if isinstance(pretrained_model_name_or_path, (str, os.PathLike)) and \
+                os.path.isdir(pretrained_model_name_or_path):
+            try:
+                from pmmrec_hf.atomic_io import recover_in_place
+            except ImportError:
+                recover_in_place = None
+            if recover_in_place is not None:
+                recover_in_place(pretrained_model_name_or_path)
         # A repo holding another PMMRec component would load with only a warning (and random weights): refuse it.
         # The check lives in the package; a remote-code copy of this file runs without it (imports inside `try`
         # are not remote-code requirements), which is safe: there AutoModel picks the class from the repo's config.

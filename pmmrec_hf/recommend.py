@@ -51,13 +51,15 @@ __all__ = [
     "ITEM_INPUT_KEYS",
     "Recommender",
     "UnknownItemError",
+    "catalogue_checksum",
     "default_processor",
     "load_catalogue_file",
     "save_catalogue_file",
 ]
 
-#: Value of the ``format`` metadata key of a catalogue file.
-CATALOGUE_FORMAT = "pmmrec_catalogue/1"
+#: Value of the ``format`` metadata key of a catalogue file (version 2 adds ``dtype`` and ``sha256``).
+CATALOGUE_FORMAT = "pmmrec_catalogue/2"
+_CATALOGUE_FORMATS_WITHOUT_CHECKSUM = ("pmmrec_catalogue/1",)
 _TENSOR_NAME = "item_embeddings"
 
 #: Keys of a processor's output that are passed to ``model.encode_items`` (anything else is dropped).
@@ -103,29 +105,69 @@ def _check_item_ids(item_ids: Any, what: str = "item_ids") -> list[str]:
     return item_ids
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def catalogue_checksum(item_ids: Sequence[str], item_embeddings: torch.Tensor) -> str:
+    """sha256 (hex) of a catalogue: its ids (JSON, row order), dtype, shape and the tensor's bytes, so a
+    changed value, a changed id or two swapped rows all change it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    digest.update(json.dumps(list(item_ids)).encode("utf-8") + b"\0")
+    digest.update(f"{_dtype_name(item_embeddings.dtype)}{tuple(item_embeddings.shape)}".encode() + b"\0")
+    data = item_embeddings.detach().cpu().contiguous()
+    if data.numel():
+        digest.update(memoryview(data.view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
 def save_catalogue_file(path: str, item_ids: Sequence[str], item_embeddings: torch.Tensor) -> None:
     """Write a catalogue as one safetensors file: tensor ``item_embeddings`` (I, d) and the metadata
     ``format`` = :data:`CATALOGUE_FORMAT`, ``item_ids`` = JSON list of the I string ids (row order),
-    ``num_items``. The dtype is kept. safetensors caps its header (metadata included) at 100 MB, i.e. a few
-    million ids of typical length."""
+    ``num_items``, ``dtype`` (the tensor's, kept) and ``sha256`` (:func:`catalogue_checksum`). The file is
+    written atomically (a temporary sibling renamed into place when complete). Rows must be finite.
+    safetensors caps its header (metadata included) at 100 MB, i.e. a few million ids of typical length."""
     from safetensors.torch import save_file
+
+    from .atomic_io import atomic_file
 
     item_ids = _check_item_ids(item_ids)
     if not isinstance(item_embeddings, torch.Tensor) or item_embeddings.dim() != 2:
         raise ValueError("`item_embeddings` must be a 2-D tensor (I, d).")
     if item_embeddings.shape[0] != len(item_ids):
         raise ValueError(f"{item_embeddings.shape[0]} embedding rows for {len(item_ids)} item ids.")
-    metadata = {"format": CATALOGUE_FORMAT, "item_ids": json.dumps(item_ids), "num_items": str(len(item_ids))}
-    save_file({_TENSOR_NAME: item_embeddings.detach().cpu().contiguous()}, str(path), metadata=metadata)
+    tensor = item_embeddings.detach().cpu().contiguous()
+    _check_finite_rows(tensor, item_ids, f"the catalogue to write to {path}")
+    metadata = {"format": CATALOGUE_FORMAT, "item_ids": json.dumps(item_ids), "num_items": str(len(item_ids)),
+                "dtype": _dtype_name(tensor.dtype), "sha256": catalogue_checksum(item_ids, tensor)}
+    with atomic_file(path) as tmp:
+        save_file({_TENSOR_NAME: tensor}, str(tmp), metadata=metadata)
+
+
+def _check_finite_rows(embeddings: torch.Tensor, item_ids: Sequence[str], where: str) -> None:
+    if not embeddings.is_floating_point():
+        raise ValueError(f"{where}: embeddings of dtype {_dtype_name(embeddings.dtype)}; a catalogue holds floats.")
+    bad = (~torch.isfinite(embeddings)).any(dim=1).nonzero().flatten().tolist() if embeddings.numel() else []
+    if bad:
+        shown = ", ".join(f"{row} ({item_ids[row]!r})" for row in bad[:10]) + (
+            f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise ValueError(f"{where}: {len(bad)} row(s) hold NaN or inf: row(s) {shown}. Every recommendation would "
+                         "be NaN; re-encode these items (a diverged model gives such rows).")
 
 
 def load_catalogue_file(path: str) -> tuple[list[str], torch.Tensor]:
-    """Read a file written by :func:`save_catalogue_file`: (item ids, (I, d) tensor on the CPU), bit-exact."""
+    """Read a file written by :func:`save_catalogue_file`: (item ids, (I, d) tensor on the CPU in the stored
+    dtype), bit-exact. Verified: the metadata, the stored ``dtype`` against the tensor's, the ``sha256``
+    checksum (a changed value or id, or swapped rows, is refused) and that every row is finite (a refused
+    row is named by index and id). A version-1 file (no checksum) loads with a warning."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device="cpu") as handle:
         metadata = handle.metadata() or {}
-        if metadata.get("format") != CATALOGUE_FORMAT or "item_ids" not in metadata:
+        known = (CATALOGUE_FORMAT, *_CATALOGUE_FORMATS_WITHOUT_CHECKSUM)
+        if metadata.get("format") not in known or "item_ids" not in metadata:
             raise ValueError(
                 f"{path} is not a PMMRec catalogue file (metadata format {metadata.get('format')!r}, "
                 f"expected {CATALOGUE_FORMAT!r} with an 'item_ids' entry)."
@@ -136,6 +178,21 @@ def load_catalogue_file(path: str) -> tuple[list[str], torch.Tensor]:
     item_ids = _check_item_ids(json.loads(metadata["item_ids"]))
     if embeddings.dim() != 2 or embeddings.shape[0] != len(item_ids):
         raise ValueError(f"{path}: tensor of shape {tuple(embeddings.shape)} for {len(item_ids)} item ids.")
+    if metadata["format"] in _CATALOGUE_FORMATS_WITHOUT_CHECKSUM:
+        warnings.warn(f"{path}: a {metadata['format']} catalogue file has no checksum; its integrity is not "
+                      "checked (save it again to add one).", stacklevel=2)
+    else:
+        for key in ("dtype", "sha256"):
+            if key not in metadata:
+                raise ValueError(f"{path}: a {CATALOGUE_FORMAT} catalogue file without its '{key}' metadata entry.")
+        if metadata["dtype"] != _dtype_name(embeddings.dtype):
+            raise ValueError(f"{path}: the tensor is {_dtype_name(embeddings.dtype)} but the file says "
+                             f"{metadata['dtype']}: the file was altered.")
+        if catalogue_checksum(item_ids, embeddings) != metadata["sha256"]:
+            raise ValueError(f"{path}: the checksum does not match the ids and embeddings (sha256 in the file "
+                             f"{metadata['sha256'][:16]}...): the file was altered or corrupted (changed values or "
+                             "ids, or reordered rows). Save the catalogue again.")
+    _check_finite_rows(embeddings, item_ids, str(path))
     return item_ids, embeddings
 
 
@@ -505,8 +562,15 @@ class Recommender:
         save_catalogue_file(path, self._item_ids, self.item_embeddings)
 
     def load_catalogue(self, path: str) -> None:
-        """Replace the catalogue by one read from :meth:`save_catalogue`'s file (bit-exact)."""
+        """Replace the catalogue by one read from :meth:`save_catalogue`'s file (verified, see
+        :func:`load_catalogue_file`; bit-exact for float32). The catalogue is float32: a float16 / bfloat16
+        file is converted (exactly) and a float64 one rounded to float32, each with a warning."""
         item_ids, embeddings = load_catalogue_file(path)
+        if embeddings.dtype != torch.float32:
+            exact = embeddings.dtype in (torch.float16, torch.bfloat16)
+            warnings.warn(f"{path}: a {_dtype_name(embeddings.dtype)} catalogue; converted to float32"
+                          f"{' (exactly)' if exact else ' (rounded)'}.", stacklevel=2)
+            embeddings = embeddings.float()
         self._set_catalogue(item_ids, embeddings)
 
     # ---- users

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .atomic_io import write_text_atomic
 from .data.corruption import corrupt_sequences
 from .distributed import map_batches
 from .metrics import DEFAULT_KS, evaluate_full_ranking, ranking_metrics_from_ranks, target_ranks
@@ -72,6 +73,7 @@ class TrainingConfig:
     early_stopping_patience: int | None = None  # stop after this many evaluations without improvement
     early_stopping_threshold: float = 0.0  # an improvement must exceed this
     load_best_model_at_end: bool = False  # the final model is the best one (needs metric_for_best_model)
+    on_non_finite: str = "raise"  # a non-finite loss or gradient: stop ("raise") or skip the step, counted ("skip")
 
     def validate(self, has_eval_rows: bool = True) -> None:
         """Refuse combinations that cannot work, naming the option."""
@@ -90,6 +92,8 @@ class TrainingConfig:
             raise ValueError("`metric_for_best_model` needs evaluation rows (`eval_rows`) to evaluate on.")
         if self.metric_for_best_model and self.early_stopping_patience and not self.eval_steps:
             raise ValueError("`early_stopping_patience` needs periodic evaluation: set `eval_steps` > 0.")
+        if self.on_non_finite not in ("raise", "skip"):
+            raise ValueError(f"`on_non_finite` must be 'raise' or 'skip', got {self.on_non_finite!r}.")
         if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
             raise ValueError(f"`gradient_accumulation_steps` must be >= 1, got {self.gradient_accumulation_steps!r}.")
 
@@ -354,24 +358,33 @@ def _with_cached_features(batch: dict, feature_cache) -> dict:
 
 
 def _checkpoint_steps(output_dir: str) -> tuple[list[int], list[str]]:
-    """Steps of the complete checkpoints under ``<output_dir>/checkpoints`` (``step_<N>`` holding a
-    trainer_state.json, written last), ascending, and the names of everything else there."""
+    """Steps of the complete checkpoints under ``<output_dir>/checkpoints`` (``step_<N>`` holding the
+    completeness marker of an atomic write, and trainer_state.json), ascending, and the names of everything
+    else there (with why each is not a checkpoint)."""
+    from .atomic_io import incomplete_reason
+
     folder = Path(output_dir) / "checkpoints"
     if not folder.is_dir():
         return [], []
     steps, others = [], []
     for path in folder.iterdir():
         suffix = path.name[len(CHECKPOINT_PREFIX):]
-        if path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and (path / TRAINER_STATE).is_file():
-            steps.append(int(suffix))
+        if not (path.name.startswith(CHECKPOINT_PREFIX) and suffix.isdigit() and path.is_dir()):
+            others.append(f"{path.name} (not a step_<N> folder)")
+            continue
+        reason = incomplete_reason(path)
+        if reason is None and not (path / TRAINER_STATE).is_file():
+            reason = f"it has no {TRAINER_STATE}"
+        if reason is not None:
+            others.append(f"{path.name} ({reason})")
         else:
-            others.append(path.name)
+            steps.append(int(suffix))
     return sorted(steps), sorted(others)
 
 
 def _latest_checkpoint(output_dir: str) -> str | None:
-    """The newest complete checkpoint; folders that are not one (no trainer_state.json, written last: an
-    interrupted save; or a name that is not step_<N>) are skipped with a warning naming them."""
+    """The newest complete checkpoint; folders that are not one (an interrupted save: no completeness
+    marker; or a name that is not step_<N>) are skipped with a warning naming them."""
     steps, skipped = _checkpoint_steps(output_dir)
     if skipped:
         logger.warning("Resuming from the newest complete checkpoint; skipped in %s (incomplete or not a "
@@ -394,6 +407,7 @@ class _RunState:
     evaluations_without_improvement: int = 0
     eval_history: list | None = None
     log_history: list | None = None
+    skipped_steps: int = 0  # optimiser steps skipped for a non-finite loss or gradient (on_non_finite="skip")
 
     def improved(self, value: float, config: TrainingConfig) -> bool:
         if self.best_metric is None:
@@ -496,6 +510,12 @@ def train(
                 "Checkpoints are written every --save-steps N steps (save_steps; the default 0 writes none). "
                 "Start without --resume-from-checkpoint, or give a checkpoint folder.")
     if resume:
+        from .atomic_io import incomplete_reason
+
+        reason = incomplete_reason(resume) if Path(resume).is_dir() else "it does not exist"
+        if reason is not None:
+            raise ValueError(f"--resume-from-checkpoint {resume} is not a complete checkpoint: {reason}. Give a "
+                             "complete step_<N> folder, or `latest` for the newest complete one.")
         accelerator.load_state(resume)
         saved = json.loads((Path(resume) / TRAINER_STATE).read_text())
         state = _RunState(**{k: v for k, v in saved.items() if k in _RunState.__dataclass_fields__})
@@ -512,6 +532,7 @@ def train(
     last_logs: dict[str, float] = {}
     running: dict[str, list[float]] = {}
     checked_gradients = False
+    non_finite_reason: str | None = None  # why the current optimiser step is skipped (on_non_finite="skip")
 
     def batches():
         epoch = 0 if streaming else step // steps_per_epoch
@@ -597,21 +618,51 @@ def train(
         with accelerator.accumulate(model):
             outputs = model(**batch)
             values = _loss_values(outputs)  # one host read of the losses, for the check and the logs
-            _check_finite_loss(values, step + 1)
-            accelerator.backward(outputs.loss)
-            if not checked_gradients:
-                _check_every_trainable_parameter_has_a_gradient(model, accelerator)
-                checked_gradients = True
-            if accelerator.sync_gradients and config.max_grad_norm:
-                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad()
-        for name, value in values.items():
-            running.setdefault(name, []).append(value)
+            # the decision is the same on every process (one flag reduced), so no process waits for another
+            loss_finite = _finite_on_every_process(math.isfinite(values.get("loss", 0.0)), accelerator)
+            if not loss_finite:
+                if config.on_non_finite == "raise":
+                    _check_finite_loss(values, step + 1, elsewhere=True)
+                non_finite_reason = non_finite_reason or "the loss is not finite" + (
+                    f" ({_format_losses(values)})" if not math.isfinite(values.get("loss", 0.0)) else
+                    " on another process")
+            else:
+                accelerator.backward(outputs.loss)
+                if not checked_gradients:
+                    _check_every_trainable_parameter_has_a_gradient(model, accelerator)
+                    checked_gradients = True
+            if accelerator.sync_gradients and non_finite_reason is None and accelerator.scaler is None:
+                # (an fp16 grad scaler skips steps with non-finite gradients itself: optimizer.step_was_skipped)
+                bad = _non_finite_gradients(model)
+                if not _finite_on_every_process(not bad, accelerator):
+                    if config.on_non_finite == "raise":
+                        raise FloatingPointError(
+                            f"Training diverged: non-finite gradient at step {step + 1} in "
+                            f"{_shown(bad) if bad else 'the parameters of another process'} (losses: "
+                            f"{_format_losses(values)}). Lower the learning rate (or set --max-grad-norm), check "
+                            "the inputs for NaN/inf, or pass on_non_finite='skip' (--on-non-finite skip) to skip "
+                            "such steps.")
+                    non_finite_reason = f"non-finite gradient in {_shown(bad) if bad else 'another process'}"
+            if non_finite_reason is None:
+                if accelerator.sync_gradients and config.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+            elif accelerator.sync_gradients:
+                optimizer.zero_grad()  # the skipped step's gradients (micro-steps accumulated so far included)
+            if non_finite_reason is None:
+                optimizer.zero_grad()
+        if non_finite_reason is None:
+            for name, value in values.items():
+                running.setdefault(name, []).append(value)
         micro += 1
         if not accelerator.sync_gradients:
             continue
-        if not optimizer.step_was_skipped:  # fp16 overflow: no optimiser step, no scheduler step
+        if non_finite_reason is not None:  # skipped (on_non_finite="skip"): no optimiser or scheduler step
+            state.skipped_steps += 1
+            logger.warning("Skipped step %d (%s); %d step(s) skipped so far.", step + 1, non_finite_reason,
+                           state.skipped_steps)
+            non_finite_reason = None
+        elif not optimizer.step_was_skipped:  # fp16 overflow: no optimiser step, no scheduler step
             scheduler.step()
         micro = 0
         step += 1
@@ -636,7 +687,7 @@ def train(
             progress.close()
             accelerator.wait_for_everyone()
             return {"global_step": step, "stopped": True, "eval_history": history, "last_logs": last_logs,
-                    "log_history": state.log_history}
+                    "log_history": state.log_history, "skipped_steps": state.skipped_steps}
     progress.close()
     if eval_rows is not None and evaluated_at != step:
         evaluate_now()
@@ -656,15 +707,16 @@ def train(
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (save_fn or _save_pretrained)(final, str(output_dir))
-        (output_dir / "eval_history.json").write_text(json.dumps(history, indent=2))
+        write_text_atomic(output_dir / "eval_history.json", json.dumps(history, indent=2))
         run = {"num_processes": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision),
                "gradient_accumulation_steps": accumulation, "early_stopped": early_stopped}
-        (output_dir / TRAINER_STATE).write_text(json.dumps({**asdict(state), **run}, indent=2))
+        write_text_atomic(output_dir / TRAINER_STATE, json.dumps({**asdict(state), **run}, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return {"global_step": step, "stopped": False, "early_stopped": early_stopped, "eval_history": history,
             "last_logs": last_logs, "log_history": state.log_history, "best_metric": state.best_metric,
             "best_step": state.best_step, "best_checkpoint": state.best_checkpoint,
+            "skipped_steps": state.skipped_steps,
             "num_processes": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision),
             "train_seconds": train_seconds, "eval_seconds": timing["eval_seconds"],
             "collator_stats": dict(getattr(collator, "stats", {}))}
@@ -680,16 +732,46 @@ def _loss_values(outputs) -> dict[str, float]:
     return values
 
 
-def _check_finite_loss(values: dict[str, float], step: int) -> None:
+def _format_losses(values: dict[str, float]) -> str:
+    return ", ".join(f"{name} {value:g}" for name, value in values.items())
+
+
+def _shown(names: list[str], limit: int = 5) -> str:
+    return ", ".join(names[:limit]) + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _check_finite_loss(values: dict[str, float], step: int, elsewhere: bool = False) -> None:
     """Stop at the first non-finite loss, naming the step and the components (the loss is finite in a healthy
-    run under every precision here: logits are fp32), instead of training on and saving NaN weights."""
-    if "loss" not in values or math.isfinite(values["loss"]):
-        return
-    parts = ", ".join(f"{name} {value:g}" for name, value in values.items() if name != "loss")
-    raise FloatingPointError(
-        f"Training diverged: the loss is {values['loss']:g} at step {step} ({parts}). Lower the learning rate "
-        "(or set --max-grad-norm), and check the inputs for NaN/inf (pixel values, features)."
-    )
+    run under every precision here: logits are fp32), instead of training on and saving NaN weights.
+    `elsewhere`: another process's loss is not finite (so this one stops too)."""
+    if "loss" in values and not math.isfinite(values["loss"]):
+        parts = ", ".join(f"{name} {value:g}" for name, value in values.items() if name != "loss")
+        raise FloatingPointError(
+            f"Training diverged: the loss is {values['loss']:g} at step {step} ({parts}). Lower the learning rate "
+            "(or set --max-grad-norm), and check the inputs for NaN/inf (pixel values, features)."
+        )
+    if elsewhere:
+        raise FloatingPointError(f"Training diverged: the loss is not finite on another process at step {step} "
+                                 f"(this process: {_format_losses(values)}).")
+
+
+def _finite_on_every_process(local_ok: bool, accelerator) -> bool:
+    """`local_ok` of every process combined (one all-reduce of a flag), so every process decides alike."""
+    if accelerator.num_processes == 1:
+        return local_ok
+    flag = torch.tensor([0.0 if local_ok else 1.0], device=accelerator.device)
+    return float(accelerator.reduce(flag, reduction="sum").item()) == 0.0
+
+
+def _non_finite_gradients(model: nn.Module) -> list[str]:
+    """Names of the parameters whose gradient holds NaN or inf (one max-norm over every gradient first)."""
+    named = [(name, p.grad) for name, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return []
+    norms = torch.stack([torch.linalg.vector_norm(g.detach(), ord=math.inf).float() for _, g in named])
+    if bool(torch.isfinite(norms).all()):
+        return []
+    return [name.removeprefix("module.") for (name, _), norm in zip(named, norms.tolist()) if not math.isfinite(norm)]
 
 
 def non_finite_parameters(model: nn.Module) -> list[str]:
@@ -732,14 +814,24 @@ def _checkpoint_path(output_dir: str, step: int) -> str:
 
 
 def _save_checkpoint(accelerator, output_dir: str, step: int, state: _RunState | None = None) -> str:
-    """Accelerate's state (model, optimiser, scheduler, RNG) and, written last, trainer_state.json: a folder
-    without it is an incomplete checkpoint, which `latest` never picks."""
+    """Accelerate's state (model, optimiser, scheduler, RNG) and trainer_state.json, written atomically
+    (``pmmrec_hf.atomic_io``): every process writes into one temporary sibling folder, the main process
+    writes trainer_state.json and the completeness marker last and renames the folder into place. A kill
+    at any point leaves no ``step_<N>`` folder that is incomplete; `latest` picks only marked ones."""
+    from .atomic_io import AtomicFolder
+
     path = _checkpoint_path(output_dir, step)
-    accelerator.save_state(path)
+    writer = AtomicFolder(path)
+    if accelerator.is_main_process:
+        writer.begin()
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(writer.path))
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         record = asdict(state) if state is not None else {"global_step": step}
         record["global_step"] = step
-        (Path(path) / TRAINER_STATE).write_text(json.dumps(record, indent=2))
+        (writer.path / TRAINER_STATE).write_text(json.dumps(record, indent=2))
+        writer.commit()
     accelerator.wait_for_everyone()
     return path
 
@@ -756,9 +848,13 @@ def _rotate_checkpoints(accelerator, config: TrainingConfig, state: _RunState) -
         keep = set(steps[-limit:])
         if state.best_step is not None:
             keep.add(state.best_step)
+        from .atomic_io import aside_path
+
         for old in steps:
-            if old not in keep:
-                shutil.rmtree(_checkpoint_path(config.output_dir, old), ignore_errors=True)
+            if old not in keep:  # renamed out of the step_<N> names first: a kill mid-delete leaves no half one
+                path = _checkpoint_path(config.output_dir, old)
+                os.replace(path, aside_path(path))
+                shutil.rmtree(aside_path(path), ignore_errors=True)
     accelerator.wait_for_everyone()
 
 
@@ -784,18 +880,23 @@ def save_pmmrec_outputs(model, output_dir: str, tokenizer=None, image_processor=
     """Save the full model, and the item encoder and the user encoder each on its own, with save_pretrained.
 
     Layout: ``<output_dir>/model``, ``<output_dir>/item_encoder``, ``<output_dir>/user_encoder``; the
-    tokenizer / image processor go with the full model and the item encoder.
+    tokenizer / image processor go with the full model and the item encoder. Each folder is written
+    atomically with its processors (``pmmrec_hf.atomic_io.InPlaceWrite``): a kill leaves it complete, in its
+    previous version or its new one.
     """
+    from .atomic_io import in_place_write, is_weights_file
+
     paths = {"model": os.path.join(output_dir, "model")}
-    model.save_pretrained(paths["model"])
+    parts = {"model": model}
     if hasattr(model, "item_encoder"):
         paths["item_encoder"] = os.path.join(output_dir, "item_encoder")
         paths["user_encoder"] = os.path.join(output_dir, "user_encoder")
-        model.item_encoder.save_pretrained(paths["item_encoder"])
-        model.user_encoder.save_pretrained(paths["user_encoder"])
-    for key in ("model", "item_encoder"):
-        if key in paths:
-            for processor in (tokenizer, image_processor):
-                if processor is not None:
-                    processor.save_pretrained(paths[key])
+        parts["item_encoder"], parts["user_encoder"] = model.item_encoder, model.user_encoder
+    for key, part in parts.items():
+        with in_place_write(paths[key], replaces=is_weights_file) as tmp:
+            part.save_pretrained(str(tmp))
+            if key in ("model", "item_encoder"):
+                for processor in (tokenizer, image_processor):
+                    if processor is not None:
+                        processor.save_pretrained(str(tmp))
     return paths

@@ -17,6 +17,7 @@ from pmmrec_hf.data import (  # noqa: E402
     save_prepared,
     shard_for_process,
 )
+from pmmrec_hf.atomic_io import MARKER, write_marker  # noqa: E402
 
 
 def _jpeg(color=(200, 30, 30), size=(6, 4)) -> bytes:
@@ -63,7 +64,7 @@ def test_round_trip(tmp_path, cache):
     folder = tmp_path / "prepared"
     meta = save_prepared(folder, _items(tmp_path), _sequences(4), {"name": "toy", "max_length": 20, "min_length": 3})
     assert sorted(p.name for p in folder.iterdir()) == sorted(
-        [ITEMS_FILE, METADATA_FILE, "README.md", "train.parquet", "validation.parquet", "test.parquet"]
+        [ITEMS_FILE, METADATA_FILE, "README.md", "train.parquet", "validation.parquet", "test.parquet", MARKER]
     )
     assert meta["files"]["train"] == ["train.parquet"]
     assert read_metadata(folder) == json.loads((folder / METADATA_FILE).read_text())
@@ -180,6 +181,7 @@ def test_folder_without_files_entry_is_read_by_name(tmp_path, cache):
     meta = json.loads((folder / METADATA_FILE).read_text())
     del meta["files"]
     (folder / METADATA_FILE).write_text(json.dumps(meta))
+    write_marker(folder)  # a folder edited by hand is marked complete again
     assert load_prepared(folder, split="test", cache_dir=cache).num_rows == 6
 
 

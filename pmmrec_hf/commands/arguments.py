@@ -116,6 +116,9 @@ def add_training_args(parser: argparse.ArgumentParser, defaults: TrainingConfig)
     group.add_argument("--report-to", default=defaults.report_to, help="tensorboard, wandb, all, or none")
     group.add_argument("--resume-from-checkpoint", default=None, help="a checkpoint folder, or 'latest'")
     group.add_argument("--max-grad-norm", type=float, default=None)
+    group.add_argument("--on-non-finite", default=defaults.on_non_finite, choices=["raise", "skip"],
+                       help="a non-finite loss or gradient: stop with an error naming the step (raise, default) or "
+                            "skip that optimiser step, counted in trainer_state.json (skip)")
     group.add_argument("--stop-after-steps", type=int, default=None, help=argparse.SUPPRESS)
     group.add_argument("--save-total-limit", type=int, default=defaults.save_total_limit,
                        help="keep at most N checkpoints (the oldest are deleted; the best one is always kept)")

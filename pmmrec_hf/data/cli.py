@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--allow-outside-paths", action="store_true", default=None,
                      help="trusted data only: let image paths from the data leave --image-root ('../', absolute paths)")
     out.add_argument("--no-progress", action="store_true", help="no progress bars")
+    out.add_argument("--overwrite", action="store_true",
+                     help="write into an existing --output folder that is not a prepared dataset (its files named "
+                          "like a prepared dataset's are replaced)")
     return parser
 
 
@@ -107,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if key in options:
             options[key] = options[key].encode().decode("unicode_escape")  # '\t' typed on a shell
     common = dict(push_to_hub=args.push_to_hub, progress=not args.no_progress, verbose=True)
+    if args.overwrite:
+        common["overwrite"] = True
     try:
         if args.preset is not None:
             if args.source is None:

@@ -37,6 +37,8 @@ __all__ = [
     "ITEMS_FILE",
     "METADATA_FILE",
     "SPLITS",
+    "check_output_folder",
+    "is_prepared_folder",
     "item_features",
     "load_items",
     "load_prepared",
@@ -167,6 +169,50 @@ def _write_card(folder: Path, files: Mapping[str, list[str]], metadata: Mapping[
     (folder / CARD_FILE).write_text("\n".join(lines), encoding="utf-8")
 
 
+def _is_dataset_file(name: str) -> bool:
+    """A file (path relative to the folder) that a prepared dataset writes: replaced, never carried over."""
+    from ..atomic_io import MARKER
+
+    if name in (ITEMS_FILE, METADATA_FILE, CARD_FILE, MARKER):
+        return True
+    return "/" not in name and name.endswith(".parquet") and any(
+        name.startswith(f"{s}.") or name.startswith(f"{s}-") for s in SPLITS)
+
+
+def is_prepared_folder(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a prepared dataset's metadata (complete or not)."""
+    try:
+        meta = json.loads((Path(folder) / METADATA_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT_NAME
+
+
+def check_output_folder(folder: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse to write a prepared dataset over a file, or into a non-empty folder that is not a prepared
+    dataset unless `overwrite`; the error names the folder and the option."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--output {folder} is a file, not a folder: choose a folder to write the dataset to.")
+    if not folder.is_dir() or not any(folder.iterdir()) or is_prepared_folder(folder):
+        return
+    if overwrite:
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "%s is not a prepared dataset; writing one into it (overwrite): its files named like a prepared "
+            "dataset's are replaced, the others kept.", folder)
+        return
+    names = sorted(p.name for p in folder.iterdir())
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    raise ValueError(
+        f"--output {folder} exists and is not a prepared dataset (no {METADATA_FILE}; it holds {shown}): not "
+        "writing over it. Choose another folder, or pass --overwrite (overwrite=True) to write the dataset into "
+        f"it (its files named like a prepared dataset's ({CARD_FILE}, {ITEMS_FILE}, <split>*.parquet) are then "
+        "replaced, the others kept)."
+    )
+
+
 def save_prepared(
     folder: str | os.PathLike,
     items: Any,
@@ -176,11 +222,17 @@ def save_prepared(
     max_rows_per_file: int = DEFAULT_MAX_ROWS_PER_FILE,
     num_shards: int | None = None,
     progress: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Write a prepared dataset folder; returns the metadata written to ``pmmrec_dataset.json``.
 
+    The folder is written atomically (``pmmrec_hf.atomic_io``): built in a temporary sibling, marked
+    complete, then swapped in; an interrupted write leaves the previous version intact.
+
     Args:
-        folder: created if needed; files of an earlier prepared dataset there are replaced.
+        folder: created if needed. An earlier prepared dataset there is replaced (other files in it are
+            kept); an existing folder that is not a prepared dataset (and not empty) is refused unless
+            ``overwrite`` (its files named like ours are then replaced, the others kept).
         items: a DataFrame, a mapping of columns or a sequence of row dicts with ``item_id`` (unique
             strings, in integer-id order), ``text`` (None is written as "") and optionally ``image``
             (see ``_encode_image`` for the accepted values). ``train_count`` is always computed from
@@ -195,8 +247,10 @@ def save_prepared(
     """
     from tqdm.auto import tqdm
 
+    from ..atomic_io import AtomicFolder
+
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    check_output_folder(folder, overwrite)
     unknown = set(sequences_by_split) - set(SPLITS)
     if unknown:
         raise ValueError(f"unknown split names {sorted(unknown)}; expected a subset of {list(SPLITS)}")
@@ -214,10 +268,22 @@ def save_prepared(
         _check_sequence_rows(split, rows, known)
     train_count = Counter(item for row in split_rows.get("train", []) for item in row["item_ids"])
 
-    # remove files of an earlier prepared dataset in the same folder
-    for old in list(folder.glob("*.parquet")):
-        if old.name == ITEMS_FILE or any(old.name.startswith(f"{s}.") or old.name.startswith(f"{s}-") for s in SPLITS):
-            old.unlink()
+    # built in a temporary sibling, swapped in when complete; files that are not ours are carried over
+    writer = AtomicFolder(folder, carry_over=lambda name: not _is_dataset_file(name))
+    folder = writer.begin()
+    try:
+        meta = _write_prepared_files(folder, item_rows, split_rows, train_count, metadata, max_rows_per_file,
+                                     num_shards, progress, tqdm)
+    except BaseException:
+        writer.abort()
+        raise
+    writer.commit()
+    return meta
+
+
+def _write_prepared_files(folder, item_rows, split_rows, train_count, metadata, max_rows_per_file, num_shards,
+                          progress, tqdm) -> dict:
+    from ..atomic_io import boundary
 
     features = item_features()
     schema = features.arrow_schema
@@ -236,6 +302,7 @@ def save_prepared(
         bar.close()
         if not item_rows:
             writer.write_table(schema.empty_table())
+    boundary("file_written")
 
     files: dict[str, list[str]] = {"items": [ITEMS_FILE]}
     num_rows: dict[str, int] = {"items": len(item_rows)}
@@ -255,6 +322,7 @@ def save_prepared(
                 schema=seq_schema,
             )
             pq.write_table(table, folder / name)
+            boundary("file_written")
         files[split] = names
         num_rows[split] = len(rows)
 
@@ -263,7 +331,9 @@ def save_prepared(
     meta["files"] = files
     meta["num_rows"] = num_rows
     (folder / METADATA_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    boundary("file_written")
     _write_card(folder, files, meta)
+    boundary("file_written")
     return meta
 
 
@@ -271,8 +341,26 @@ def save_prepared(
 # reading
 
 
+def _local_folder(folder_or_hub_id: str | os.PathLike) -> Path:
+    from ..atomic_io import resolve_folder
+
+    return resolve_folder(Path(folder_or_hub_id).expanduser())
+
+
+def _check_complete(folder: Path) -> None:
+    from ..atomic_io import MARKER, incomplete_reason
+
+    reason = incomplete_reason(folder)
+    if reason is not None:
+        raise ValueError(
+            f"{folder} is not a complete prepared dataset: {reason}. Its write was interrupted (or it was made "
+            f"by hand or by an older version): prepare it again; a folder written by hand can be marked complete "
+            f"with pmmrec_hf.atomic_io.write_marker({str(folder)!r}), which lists its files in {MARKER}."
+        )
+
+
 def _is_local(folder_or_hub_id: str | os.PathLike) -> bool:
-    path = Path(folder_or_hub_id).expanduser()
+    path = _local_folder(folder_or_hub_id)
     if path.exists():
         if not path.is_dir():
             raise NotADirectoryError(f"{path} is not a prepared dataset folder")
@@ -286,11 +374,16 @@ def _is_local(folder_or_hub_id: str | os.PathLike) -> bool:
 def read_metadata(
     folder_or_hub_id: str | os.PathLike, *, revision: str | None = None, token: str | bool | None = None
 ) -> dict:
-    """The parsed ``pmmrec_dataset.json`` of a local folder or a Hub dataset repository."""
+    """The parsed ``pmmrec_dataset.json`` of a local folder or a Hub dataset repository.
+
+    A local folder must be complete (its completeness marker, written last, lists every file with its
+    size); a folder an interrupted write left aside is read in place of a missing one (with a warning)."""
     if _is_local(folder_or_hub_id):
-        path = Path(folder_or_hub_id).expanduser() / METADATA_FILE
+        folder = _local_folder(folder_or_hub_id)
+        path = folder / METADATA_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {Path(folder_or_hub_id)} is not a prepared dataset folder")
+        _check_complete(folder)
     else:
         from huggingface_hub import hf_hub_download
 
@@ -353,7 +446,7 @@ def _data_files(
 ) -> tuple[dict[str, list[str]], dict]:
     metadata = read_metadata(folder_or_hub_id, revision=revision, token=token)
     if _is_local(folder_or_hub_id):
-        folder = Path(folder_or_hub_id).expanduser().resolve()
+        folder = _local_folder(folder_or_hub_id).resolve()
         files = _files(metadata, folder, allow_outside_paths, str(folder / METADATA_FILE))
         return {k: [str(folder / f) for f in v] for k, v in files.items()}, metadata
     base = f"hf://datasets/{folder_or_hub_id}"

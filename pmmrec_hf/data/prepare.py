@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .format import DEFAULT_MAX_ROWS_PER_FILE, save_prepared
+from .format import DEFAULT_MAX_ROWS_PER_FILE, check_output_folder, save_prepared
 
 DEFAULT_MAX_LENGTH = 20
 DEFAULT_MIN_LENGTH = 3
@@ -558,6 +558,9 @@ class PrepareResult:
         return "\n".join(lines)
 
 
+_HUB_DATA_PATTERNS = ["*.parquet", "pmmrec_dataset.json", ".pmmrec-complete.json"]
+
+
 def push_prepared_to_hub(
     folder: str | os.PathLike, repo_id: str, *, token: str | None = None, private: bool | None = None,
     commit_message: str = "Upload prepared PMMRec dataset",
@@ -577,7 +580,10 @@ def push_prepared_to_hub(
         url = api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
         if private:
             warn_if_public(api, repo_id, "dataset")
-        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset", commit_message=commit_message)
+        # one commit: the new files and the removal of an earlier version's data files that this one does not
+        # have (e.g. another number of shards), so the repo never shows a mix of two versions
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset",
+                          commit_message=commit_message, delete_patterns=_HUB_DATA_PATTERNS)
     except Exception as err:
         status = _status(err)
         if status in (401, 403):
@@ -618,6 +624,31 @@ def _check_output_folder(output_dir: str | os.PathLike) -> None:
                 what = "is a file" if candidate == path else f"is inside {candidate}, which is a file"
                 raise ValueError(f"output folder (CLI --output) {path} {what}, not a folder; give a folder path")
             return
+
+
+def check_output_outside_inputs(output_dir: str | os.PathLike, inputs: Iterable[Any],
+                                source_root: str | os.PathLike | None = None) -> None:
+    """Refuse an output folder that is an input's folder or holds an input (writing it would replace the
+    inputs), or, with a `source_root` (a preset's source folder), one equal to it or holding it. (A folder
+    inside the source is allowed: writing it touches no input.)"""
+    output = Path(output_dir).expanduser().resolve()
+    paths = []
+    for value in inputs:
+        if isinstance(value, (str, os.PathLike)):
+            paths.append(Path(value))
+        elif isinstance(value, (list, tuple)):
+            paths += [Path(v) for v in value if isinstance(v, (str, os.PathLike))]
+    for path in paths:
+        path = path.expanduser().resolve()
+        folder = path if path.is_dir() else path.parent
+        if output == folder or output in folder.parents:
+            raise ValueError(f"--output {output_dir} holds the input {path}: writing the dataset there would "
+                             "replace the inputs; choose a folder outside the source.")
+    if source_root is not None:
+        root = Path(source_root).expanduser().resolve()
+        if output == root or output in root.parents:
+            raise ValueError(f"--output {output_dir} is the source folder {source_root} or holds it: writing the "
+                             "dataset there would replace the inputs; choose another folder.")
 
 
 def _first_users(users: pd.Series, max_users: int) -> set:
@@ -671,6 +702,7 @@ def prepare_dataset(
     allow_outside_paths: bool = False,
     progress: bool = True,
     verbose: bool = True,
+    overwrite: bool = False,
 ) -> PrepareResult:
     """Import an interactions table and an items table into a prepared folder (docs/formats.md).
 
@@ -719,6 +751,8 @@ def prepare_dataset(
         max_rows_per_file, num_shards: see ``save_prepared``.
         push_to_hub: a Hub dataset repo id to upload the folder to (``token``, ``private``).
         progress, verbose: tqdm progress bars; print the summary at the end.
+        overwrite: write into an existing ``output_dir`` that is not a prepared dataset (see
+            ``save_prepared``). ``output_dir`` may never be an input's folder or hold an input.
     """
     from tqdm.auto import tqdm
 
@@ -739,6 +773,8 @@ def prepare_dataset(
     _check_lengths(max_length, min_length)
     _check_encoding(encoding)
     _check_output_folder(output_dir)
+    check_output_folder(output_dir, overwrite)
+    check_output_outside_inputs(output_dir, [interactions, items, image_root, image_lmdb])
     if push_to_hub is not None:
         _require_hub_token(push_to_hub, token)  # before the import's work, not after it
     item_id_col = item_id_col or item_col
@@ -945,7 +981,7 @@ def prepare_dataset(
         }
         written = save_prepared(
             output_dir, item_rows, splits, metadata,
-            max_rows_per_file=max_rows_per_file, num_shards=num_shards, progress=progress,
+            max_rows_per_file=max_rows_per_file, num_shards=num_shards, progress=progress, overwrite=overwrite,
         )
     finally:
         if images is not None:

@@ -22,7 +22,14 @@ from typing import Any
 
 import pandas as pd
 
-from .prepare import _TYPED_HEADER, PrepareResult, _check_encoding, prepare_dataset, read_table
+from .prepare import (
+    _TYPED_HEADER,
+    PrepareResult,
+    _check_encoding,
+    check_output_outside_inputs,
+    prepare_dataset,
+    read_table,
+)
 
 __all__ = ["PRESETS", "Preset", "prepare_preset", "preset_kwargs"]
 
@@ -332,6 +339,7 @@ def prepare_preset(name: str, source: str | os.PathLike, output_dir: str | os.Pa
     preset = PRESETS.get(name)
     if preset is None:
         raise ValueError(f"unknown preset {name!r}; presets: {sorted(PRESETS)}")
+    check_output_outside_inputs(output_dir, [], source_root=source)
     own = {k: kwargs.pop(k) for k in list(kwargs) if k in preset.options}
     options = preset_kwargs(name, source, encoding=kwargs.get("encoding", "utf-8"), **own)
     options.update(kwargs)
