@@ -31,6 +31,7 @@ from pmmrec_hf import (  # noqa: E402
 from pmmrec_hf.data import cli, load_items, load_prepared, make_synthetic_dataset, prepare_dataset  # noqa: E402
 from pmmrec_hf.data.prepare import push_prepared_to_hub  # noqa: E402
 from pmmrec_hf.hub import PMMRecAuthError  # noqa: E402
+from pmmrec_hf.atomic_io import write_marker  # noqa: E402
 from pmmrec_hf.metrics import target_ranks  # noqa: E402
 import hub_server  # noqa: E402 (tests/hub_server.py)
 from hub_server import use_local_hub  # noqa: E402
@@ -218,6 +219,7 @@ def test_metadata_file_entries_stay_inside_the_dataset_folder_unless_allowed(tmp
         metadata = json.loads(json.dumps(original))
         metadata["files"]["test"] = [entry]
         metadata_path.write_text(json.dumps(metadata))
+        write_marker(folder)  # edited by hand, then marked complete: the confinement check is what refuses it
         with pytest.raises(ValueError) as err:
             load_prepared(folder)
         assert str(err.value) == (
@@ -228,6 +230,7 @@ def test_metadata_file_entries_stay_inside_the_dataset_folder_unless_allowed(tmp
     metadata = json.loads(json.dumps(original))
     metadata["files"]["items"] = ["../../items.parquet"]
     metadata_path.write_text(json.dumps(metadata))
+    write_marker(folder)
     with pytest.raises(ValueError, match=r"files\['items'\]\[0\] = '../../items.parquet' points outside"):
         load_items(folder)
 
