@@ -195,6 +195,24 @@ def _read_json(path_or_repo: str | os.PathLike, name: str, **kwargs: Any) -> dic
         return json.load(handle)
 
 
+def _load_tokenizer(name: str, **kwargs: Any):
+    """The tokenizer saved in `name`: the transformers class its tokenizer_config.json names (no Auto class, which
+    would read the model config's auto_map and ask whether to trust remote code), else AutoTokenizer."""
+    import transformers
+
+    config = _read_json(name, "tokenizer_config.json", **kwargs) or {}
+    class_name = config.get("tokenizer_class")
+    tokenizer_class = getattr(transformers, class_name, None) if isinstance(class_name, str) else None
+    if tokenizer_class is None and isinstance(class_name, str) and not class_name.endswith("Fast"):
+        tokenizer_class = getattr(transformers, class_name + "Fast", None)
+    options = {k: v for k, v in kwargs.items() if k != "trust_remote_code"}
+    if tokenizer_class is not None:
+        return tokenizer_class.from_pretrained(name, **options)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name, **kwargs)
+
+
 class PMMRecProcessor(ProcessorMixin):
     r"""Tokenizer + image processor of a PMMRec item encoder, with the settings it was trained with.
 
@@ -364,9 +382,7 @@ class PMMRecProcessor(ProcessorMixin):
         modality = settings.get("modality", "multimodal")
         tokenizer = image_processor = None
         if modality != "vision":
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(name, **kwargs)
+            tokenizer = _load_tokenizer(name, **kwargs)
         if modality != "text":
             image_settings = _read_json(name, IMAGE_PROCESSOR_CONFIG_NAME, **kwargs)
             if image_settings is None:

@@ -777,9 +777,13 @@ def _save_pretrained(model, output_dir: str) -> None:
 def save_pmmrec_outputs(model, output_dir: str, tokenizer=None, image_processor=None) -> dict[str, str]:
     """Save the full model, and the item encoder and the user encoder each on its own, with save_pretrained.
 
-    Layout: ``<output_dir>/model``, ``<output_dir>/item_encoder``, ``<output_dir>/user_encoder``; the
-    tokenizer / image processor go with the full model and the item encoder.
+    Layout: ``<output_dir>/model``, ``<output_dir>/item_encoder``, ``<output_dir>/user_encoder``; the full model
+    and the item encoder each get the item encoder's :class:`~pmmrec_hf.PMMRecProcessor` (the tokenizer, the
+    image processor the encoder was trained with, lower-casing and the text length), loadable with
+    ``AutoProcessor.from_pretrained``. A text model saved without a tokenizer gets no processor (a warning says so).
     """
+    from .processing_pmmrec import PMMRecProcessor
+
     paths = {"model": os.path.join(output_dir, "model")}
     model.save_pretrained(paths["model"])
     if hasattr(model, "item_encoder"):
@@ -787,9 +791,33 @@ def save_pmmrec_outputs(model, output_dir: str, tokenizer=None, image_processor=
         paths["user_encoder"] = os.path.join(output_dir, "user_encoder")
         model.item_encoder.save_pretrained(paths["item_encoder"])
         model.user_encoder.save_pretrained(paths["user_encoder"])
+    item_config = getattr(getattr(model, "config", None), "item_encoder_config", None)
+    processor = None
+    if item_config is not None:
+        if isinstance(tokenizer, PMMRecProcessor):
+            processor = tokenizer
+        elif tokenizer is not None or not item_config.uses_text:
+            processor = PMMRecProcessor.from_item_config(item_config, tokenizer, _pmmrec_image_processor(image_processor))
+        else:
+            logger.warning("No tokenizer given: %s gets no processor (users must load the text backbone's tokenizer).",
+                           output_dir)
     for key in ("model", "item_encoder"):
-        if key in paths:
-            for processor in (tokenizer, image_processor):
-                if processor is not None:
-                    processor.save_pretrained(paths[key])
+        if key not in paths:
+            continue
+        if processor is not None:
+            processor.save_pretrained(paths[key])
+        else:
+            for extra in (tokenizer, image_processor):
+                if extra is not None:
+                    extra.save_pretrained(paths[key])
     return paths
+
+
+def _pmmrec_image_processor(image_processor):
+    """The image processor to publish: ours (None: built from the config), or a foreign one, with a warning that it
+    is not the transform the collator trained with unless the caller trained with it."""
+    if image_processor is None or type(image_processor).__name__ == "PMMRecImageProcessor":
+        return image_processor
+    logger.warning("Saving a %s as the image processor: the model's processor will use it instead of the "
+                   "PMMRecImageProcessor built from the config.", type(image_processor).__name__)
+    return image_processor
