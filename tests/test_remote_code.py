@@ -119,12 +119,16 @@ def published(server, tmp_path_factory):
     with hub_client_for(server):
         push_pmmrec_to_hub(model, "lite-item", "lite-user", "lite-full", token=ALICE, tokenizer=tokenizer)
         push_pmmrec_to_hub(peft_model, lora_adapter_repo="lite-lora", lora_base_model_repo="lite-full", token=ALICE)
+        # one push: the base model (the adapters taken off) and its adapter
+        push_pmmrec_to_hub(peft_model, full_model_repo="lora-base", lora_adapter_repo="lora-two", token=ALICE)
         api = HfApi(token=ALICE)
         api.create_repo("alice/sasrec")
         api.upload_folder(repo_id="alice/sasrec", folder_path=str(root / "sasrec"))
         cards = {repo: Path(api.hf_hub_download(f"alice/{repo}", "README.md")).read_text()
                  for repo in ("lite-item", "lite-user", "lite-full", "lite-lora")}
         adapter_config = json.loads(Path(api.hf_hub_download("alice/lite-lora", "adapter_config.json")).read_text())
+        second_config = json.loads(Path(api.hf_hub_download("alice/lora-two", "adapter_config.json")).read_text())
+        base_weights = PMMRecModel.from_pretrained("alice/lora-base").state_dict()
 
     processor = PMMRecProcessor.from_pretrained(saved["item_encoder"])
     inputs = processor(text=texts, images=images)
@@ -141,13 +145,26 @@ def published(server, tmp_path_factory):
             "single": model.item_encoder(**processor(text=texts[:1], images=images[:1])).item_embeddings[0],
         }
     torch.save({"texts": texts, "inputs": dict(inputs), "batch": batch, "expected": expected}, root / "data.pt")
-    return {"root": root, "saved": saved, "cards": cards, "adapter_config": adapter_config}
+    return {"root": root, "saved": saved, "cards": cards, "adapter_config": adapter_config,
+            "second_config": second_config, "base_weights": base_weights, "model": model, "peft": peft_model}
 
 
 def test_published_adapter_names_the_published_base_model(published):
     config = published["adapter_config"]
     assert config["base_model_name_or_path"] == "alice/lite-full"
     assert config["auto_mapping"] == {"base_model_class": "AutoModel", "parent_library": "transformers"}
+    assert published["second_config"]["base_model_name_or_path"] == "alice/lora-base"
+    # the base published with the adapter is the model the adapters were trained on (no LoRA weights in it)
+    base, original = published["base_weights"], published["model"].state_dict()
+    assert set(base) == set(original) and all(torch.equal(base[k], original[k]) for k in base)
+    assert any("lora_" in n for n, _ in published["peft"].named_parameters())  # the wrapped model is unchanged
+
+
+def test_lora_publishing_refuses_bad_requests_before_any_network_call(published):
+    with pytest.raises(ValueError, match="needs a LoRA-wrapped model"):
+        push_pmmrec_to_hub(published["model"], lora_adapter_repo="x-lora", token=ALICE)
+    with pytest.raises(ValueError, match="needs its base model's repo"):
+        push_pmmrec_to_hub(published["peft"], lora_adapter_repo="x-lora", token=ALICE)
 
 
 def test_saved_folders_ship_every_module_their_code_imports(published):
