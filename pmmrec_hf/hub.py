@@ -15,9 +15,11 @@ PMMRec model as **separate** repos, each loadable alone::
     )
 
 Each repo gets one commit holding: ``config.json`` (with an ``auto_map``), ``model.safetensors``, the modelling code
-(``configuration_pmmrec.py``, ``modeling_pmmrec.py``, ``losses.py``; so ``AutoModel.from_pretrained(repo,
-trust_remote_code=True)`` works without this package), the tokenizer and image processor (item encoder and full
-model only) and a model card ``README.md`` rendered by :mod:`pmmrec_hf.model_card`.
+(every module the remote classes import: ``configuration_*.py``, ``modeling_*.py``, ``losses.py``,
+``processing_pmmrec.py``, ``pipelines.py``; so ``AutoModel.from_pretrained(repo, trust_remote_code=True)`` works
+without this package), the ``PMMRecProcessor`` (tokenizer + image processor; item encoder and full model only) and a
+model card ``README.md`` rendered by :mod:`pmmrec_hf.model_card`. A LoRA-wrapped model's adapter goes to its own repo
+(``lora_adapter_repo``).
 
 Policies
 --------
