@@ -360,9 +360,7 @@ class PMMRecProcessor(ProcessorMixin):
             return
         with open(path, encoding="utf-8") as handle:
             config = json.load(handle)
-        config["processor_class"] = type(self).__name__
-        if getattr(self, "auto_map", None):
-            config.setdefault("auto_map", {}).update({"AutoProcessor": self.auto_map[self._auto_class]})
+        config["processor_class"] = type(self).__name__  # (the auto_map lives in processor_config.json)
         with open(path, "w", encoding="utf-8") as handle:
             json.dump(config, handle, indent=2, sort_keys=True)
 
