@@ -1,6 +1,6 @@
 """pmmrec_hf: transferable multi-modal sequential recommendation (PMMRec) the Hugging Face way."""
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoProcessor
 
 from .configuration_pmmrec import PMMRecConfig, PMMRecItemEncoderConfig, PMMRecUserEncoderConfig
 from .modeling_pmmrec import (
@@ -15,6 +15,13 @@ from .modeling_pmmrec import (
 )
 
 from .backbones import EfficientNetLiteConfig, EfficientNetLiteModel
+from .processing_pmmrec import PMMRecImageProcessor, PMMRecProcessor
+from .pipelines import (
+    ITEM_EMBEDDING_TASK,
+    RECOMMENDATION_TASK,
+    PMMRecItemEmbeddingPipeline,
+    PMMRecRecommendationPipeline,
+)
 from .feature_cache import FeatureCache
 from .sasrec import SASRecConfig, SASRecModel
 
@@ -47,6 +54,18 @@ def _register() -> None:
         # saved checkpoints carry their code and an auto_map, so they load with trust_remote_code
         config_class.register_for_auto_class()
         model_class.register_for_auto_class("AutoModel")
+    # the processor of the item encoder and the full model (AutoProcessor / AutoImageProcessor on a saved folder)
+    for config_class in (PMMRecItemEncoderConfig, PMMRecConfig):
+        AutoProcessor.register(config_class, PMMRecProcessor, exist_ok=True)
+        AutoImageProcessor.register(config_class, slow_image_processor_class=PMMRecImageProcessor, exist_ok=True)
+    # the custom pipelines (saved checkpoints list them in config.custom_pipelines)
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    for task, pipeline_class in ((ITEM_EMBEDDING_TASK, PMMRecItemEmbeddingPipeline),
+                                 (RECOMMENDATION_TASK, PMMRecRecommendationPipeline)):
+        if task not in PIPELINE_REGISTRY.supported_tasks:
+            PIPELINE_REGISTRY.register_pipeline(task, pipeline_class=pipeline_class, pt_model=AutoModel,
+                                                type="multimodal")
 
 
 _register()
@@ -66,4 +85,8 @@ __all__ = [
     "SASRecConfig",
     "SASRecModel",
     "FeatureCache",
+    "PMMRecImageProcessor",
+    "PMMRecProcessor",
+    "PMMRecItemEmbeddingPipeline",
+    "PMMRecRecommendationPipeline",
 ]

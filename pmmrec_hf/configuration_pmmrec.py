@@ -1,7 +1,7 @@
 """Configurations of the PMMRec item encoder, user encoder and full model.
 
 This file travels with every Hub checkpoint (``trust_remote_code`` loading): it imports only
-``transformers`` and the standard library.
+``transformers``, the standard library and its sibling configuration files.
 """
 
 from __future__ import annotations
@@ -14,9 +14,15 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+from .configuration_efficientnet_lite import EfficientNetLiteConfig
+
 logger = logging.getLogger(__name__)
 
 MODALITIES = ("multimodal", "text", "vision")
+
+#: Backbone config types that ship with this code (so that a checkpoint using them loads where the package is not
+#: installed, through `trust_remote_code`, without the AutoConfig registration the package does on import).
+LOCAL_BACKBONE_CONFIGS = {EfficientNetLiteConfig.model_type: EfficientNetLiteConfig}
 LAYER_NORM_POSITIONS = ("post", "pre")
 
 
@@ -29,6 +35,8 @@ def _as_backbone_config(value: Any, field: str) -> PretrainedConfig | None:
         model_type = value.pop("model_type", None)
         if model_type is None:
             raise ValueError(f"`{field}` given as a dict needs a 'model_type' key (e.g. 'bert', 'clip_vision_model').")
+        if model_type in LOCAL_BACKBONE_CONFIGS:
+            return LOCAL_BACKBONE_CONFIGS[model_type](**value)
         return AutoConfig.for_model(model_type, **value)
     raise ValueError(f"`{field}` must be a PretrainedConfig, a dict with 'model_type', or None; got {type(value).__name__}.")
 

@@ -15,9 +15,11 @@ PMMRec model as **separate** repos, each loadable alone::
     )
 
 Each repo gets one commit holding: ``config.json`` (with an ``auto_map``), ``model.safetensors``, the modelling code
-(``configuration_pmmrec.py``, ``modeling_pmmrec.py``, ``losses.py``; so ``AutoModel.from_pretrained(repo,
-trust_remote_code=True)`` works without this package), the tokenizer and image processor (item encoder and full
-model only) and a model card ``README.md`` rendered by :mod:`pmmrec_hf.model_card`.
+(every module the remote classes import: ``configuration_*.py``, ``modeling_*.py``, ``losses.py``,
+``processing_pmmrec.py``, ``pipelines.py``; so ``AutoModel.from_pretrained(repo, trust_remote_code=True)`` works
+without this package), the ``PMMRecProcessor`` (tokenizer + image processor; item encoder and full model only) and a
+model card ``README.md`` rendered by :mod:`pmmrec_hf.model_card`. A LoRA-wrapped model's adapter goes to its own repo
+(``lora_adapter_repo``).
 
 Policies
 --------
@@ -85,7 +87,8 @@ _COMPONENT_OF_MODEL_TYPE = {
     "pmmrec_user_encoder": "user_encoder",
     "pmmrec": "full_model",
 }
-_TITLE = {"item_encoder": "item encoder", "user_encoder": "user encoder", "full_model": "full model"}
+_TITLE = {"item_encoder": "item encoder", "user_encoder": "user encoder", "full_model": "full model",
+          "lora_adapter": "LoRA adapter"}
 _CLASS_NAME = {"item_encoder": "PMMRecItemEncoder", "user_encoder": "PMMRecUserEncoder", "full_model": "PMMRecModel"}
 _LOGIN_HINT = (
     "Pass a token with write access with `token=` (CLI: `--token`), set HF_TOKEN, or log in once with "
@@ -238,7 +241,7 @@ def _non_finite(module) -> list[str]:
     return bad
 
 
-_VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "auto_map", "dtype", "torch_dtype"}
+_VOLATILE_CONFIG_KEYS = {"transformers_version", "architectures", "auto_map", "dtype", "torch_dtype", "custom_pipelines"}
 
 
 def _config_signature(config) -> Any:
@@ -291,6 +294,8 @@ def _check_publishable(parts: dict[str, Any], targets: dict[str, str], require_t
                     "PMMRecModel.from_encoders(item_encoder, user_encoder)."
                 )
     for component, module in pushed.items():
+        if component == "lora_adapter":
+            continue  # adapters start at zero (B = 0) by design; only the non-finite check applies
         modules = [parts["item_encoder"], parts["user_encoder"]] if component == "full_model" else [module]
         if any(looks_untrained(m) for m in modules):
             message = (
@@ -308,27 +313,12 @@ def _check_publishable(parts: dict[str, Any], targets: dict[str, str], require_t
 
 
 def default_image_processor(item_config):
-    """A transformers image processor equal to PMMRec's image transform for an item-encoder config: RGB, squash to
-    ``image_size`` (bilinear, no crop), rescale to [0, 1], normalise with ``image_mean`` / ``image_std``."""
-    from transformers.utils import logging as hf_logging
+    """The image processor an item encoder trains with (:class:`~pmmrec_hf.PMMRecImageProcessor`, the collator's
+    code): RGB (any image mode), squash to ``image_size`` (bilinear, no crop), [0, 1], normalise with
+    ``image_mean`` / ``image_std``."""
+    from .processing_pmmrec import PMMRecImageProcessor
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # "requires torchvision, falling back to the PIL backend" is expected
-    try:
-        from transformers import ViTImageProcessor
-
-        return ViTImageProcessor(
-            do_resize=True,
-            size={"height": item_config.image_size, "width": item_config.image_size},
-            resample=2,  # PIL.Image.BILINEAR
-            do_rescale=True,
-            rescale_factor=1 / 255,
-            do_normalize=True,
-            image_mean=list(item_config.image_mean),
-            image_std=list(item_config.image_std),
-        )
-    finally:
-        hf_logging.set_verbosity(verbosity)
+    return PMMRecImageProcessor.from_item_config(item_config)
 
 
 def _load_model(model_or_path: Any, token: Any):
@@ -371,6 +361,53 @@ def _load_image_processor(image_processor: Any, folder: str | None, token: Any, 
     if image_processor is None and item_config is not None and item_config.uses_vision:
         return default_image_processor(item_config)
     return image_processor
+
+
+def _save_processor(folder: Path, item_config, tokenizer, image_processor) -> None:
+    """The item encoder's PMMRecProcessor (tokenizer + image processor + text settings) into `folder`; without a
+    tokenizer for a text model, the image processor alone."""
+    from .processing_pmmrec import PMMRecProcessor
+
+    if isinstance(tokenizer, PMMRecProcessor):
+        tokenizer.save_pretrained(folder)
+        return
+    if tokenizer is not None or not item_config.uses_text:
+        PMMRecProcessor.from_item_config(item_config, tokenizer, image_processor).save_pretrained(folder)
+        return
+    if image_processor is not None:
+        image_processor.save_pretrained(folder)
+
+
+def _lora_card(adapter_repo: str, base_repo: str) -> str:
+    """The model card of a published LoRA adapter (YAML metadata the Hub reads: library, base model, tags)."""
+    return f"""---
+library_name: peft
+base_model: {base_repo}
+tags:
+- pmmrec
+- recommendation
+- lora
+---
+
+# PMMRec LoRA adapter
+
+LoRA adapters (peft) for the PMMRec model [{base_repo}](../{base_repo}), published with `pmmrec_hf`. The base
+model carries its modelling code, so both load with `transformers` and `peft` alone:
+
+```python
+from peft import AutoPeftModel, PeftModel
+from transformers import AutoModel
+
+base = AutoModel.from_pretrained("{base_repo}", trust_remote_code=True)
+model = PeftModel.from_pretrained(base, "{adapter_repo}").eval()
+
+# or in one call (the adapter names its base model)
+model = AutoPeftModel.from_pretrained("{adapter_repo}", trust_remote_code=True).eval()
+print(type(model.get_base_model()).__name__)
+```
+
+`model.merge_and_unload()` folds the adapters into the base weights (a plain PMMRec model).
+"""
 
 
 def _saveable(obj: Any, what: str) -> None:
@@ -473,6 +510,8 @@ def push_pmmrec_to_hub(
     create_branch: bool = True,
     require_trained: bool = False,
     endpoint: str | None = None,
+    lora_adapter_repo: str | None = None,
+    lora_base_model_repo: str | None = None,
 ) -> dict[str, Any]:
     """Publish the item encoder, the user encoder and optionally the full model of a PMMRec model as separate repos.
 
@@ -495,10 +534,18 @@ def push_pmmrec_to_hub(
         create_branch: create ``revision`` when the repo lacks it.
         require_trained: refuse components that never took an optimiser step (see :func:`looks_untrained`).
         endpoint: the Hub URL (default: ``HF_ENDPOINT`` / huggingface.co).
+        lora_adapter_repo: with a LoRA-wrapped model (a peft ``PeftModel`` from :func:`pmmrec_hf.transfer.apply_lora`),
+            publish its adapter alone in this repo (``adapter_config.json`` + ``adapter_model.safetensors`` + a card).
+            Its ``base_model_name_or_path`` is the published full model: ``full_model_repo`` when this push publishes
+            the base model too (the model without its adapters), else ``lora_base_model_repo`` (an existing full-model
+            repo). The adapter loads with ``PeftModel.from_pretrained(AutoModel.from_pretrained(base,
+            trust_remote_code=True), adapter_repo)`` and ``AutoPeftModel.from_pretrained(adapter_repo,
+            trust_remote_code=True)``. The other components of a LoRA-wrapped model are its base model's.
+        lora_base_model_repo: the full-model repo the adapter names as its base when ``full_model_repo`` is not given.
 
     Returns:
         ``{component: CommitInfo}`` for the components pushed (``"item_encoder"``, ``"user_encoder"``,
-        ``"full_model"``).
+        ``"full_model"``, ``"lora_adapter"``).
 
     Raises:
         ValueError: nothing to push, a component the model does not have, duplicate repos, NaN weights, mismatched
@@ -511,14 +558,28 @@ def push_pmmrec_to_hub(
 
     from .model_card import PMMRecCardData, render_model_card
 
+    from .transfer import is_peft_model, lora_base_model
+
     targets = {c: r for c, r in (("item_encoder", item_encoder_repo), ("user_encoder", user_encoder_repo),
-                                 ("full_model", full_model_repo)) if r}
+                                 ("full_model", full_model_repo), ("lora_adapter", lora_adapter_repo)) if r}
     if not targets:
-        raise ValueError("Nothing to publish: pass item_encoder_repo, user_encoder_repo and/or full_model_repo.")
+        raise ValueError("Nothing to publish: pass item_encoder_repo, user_encoder_repo, full_model_repo and/or "
+                         "lora_adapter_repo.")
     base_card = PMMRecCardData.coerce(card_data)  # card data errors before anything else
+    peft_model = model_or_path if is_peft_model(model_or_path) else None
+    if lora_adapter_repo and peft_model is None:
+        raise ValueError(f"lora_adapter_repo='{lora_adapter_repo}' needs a LoRA-wrapped model (a peft PeftModel, see "
+                         f"pmmrec_hf.transfer.apply_lora); got {type(model_or_path).__name__}.")
+    if lora_adapter_repo and not (full_model_repo or lora_base_model_repo):
+        raise ValueError("A LoRA adapter needs its base model's repo: pass full_model_repo (published by this push) or "
+                         "lora_base_model_repo (an existing full-model repo).")
+    if peft_model is not None:
+        model_or_path = lora_base_model(peft_model)
 
     model, folder = _load_model(model_or_path, token)
     parts = _components(model)
+    if peft_model is not None:
+        parts["lora_adapter"] = peft_model
     missing = [c for c in targets if c not in parts]
     if missing:
         raise ValueError(
@@ -542,6 +603,12 @@ def push_pmmrec_to_hub(
     repos = {c: (r if "/" in r else f"{user}/{r}") for c, r in targets.items()}
     if len(set(repos.values())) != len(repos):
         raise ValueError(f"Each component needs its own repo, got {repos}.")
+    lora_base = None
+    if "lora_adapter" in repos:
+        lora_base = repos.get("full_model") or (lora_base_model_repo if "/" in lora_base_model_repo
+                                                 else f"{user}/{lora_base_model_repo}")
+        if "full_model" not in repos:  # an existing repo: it must hold a full model
+            check_component(lora_base, "pmmrec", token=token)
     forbidden = sorted(r for r in repos.values() if r.split("/")[0] not in namespaces)
     if forbidden:
         raise PMMRecAuthError(
@@ -555,11 +622,16 @@ def push_pmmrec_to_hub(
         folders = {}
         for component in repos:
             target = Path(staging) / component
+            if component == "lora_adapter":
+                from .transfer import save_lora_adapter
+
+                save_lora_adapter(peft_model, str(target), lora_base, revision=revision)
+                (target / "README.md").write_text(_lora_card(repos[component], lora_base), encoding="utf-8")
+                folders[component] = target
+                continue
             parts[component].save_pretrained(target)
             if component != "user_encoder":
-                for extra in (tokenizer, image_processor):
-                    if extra is not None:
-                        extra.save_pretrained(target)
+                _save_processor(target, item_config, tokenizer, image_processor)
             card = PMMRecCardData.coerce(base_card)
             card.component = component
             card.repo_id = repos[component]

@@ -384,8 +384,9 @@ def render_model_card(
         card_data: [`PMMRecCardData`] or a dict of its fields.
         component: overrides ``card_data.component``; by default inferred from the config's ``model_type``.
         template_path: another Jinja template (default: :data:`TEMPLATE_PATH`).
-        has_tokenizer / has_image_processor: whether the repo holds them (the usage snippet loads them from the
-            repo, else from the text backbone / with an equivalent image processor built inline).
+        has_tokenizer / has_image_processor: whether the repo holds them (with what its modality reads, the repo
+            holds a PMMRecProcessor and the usage snippet loads it with AutoProcessor; else the tokenizer comes from
+            the text backbone / an equivalent image processor is built inline).
 
     Returns:
         a ``huggingface_hub.ModelCard``; ``card.save(folder / "README.md")`` writes it.
@@ -443,6 +444,9 @@ def render_model_card(
         architecture=rows,
         tokenizer_source=tokenizer_source,
         has_image_processor=has_image_processor,
+        # the repo holds a PMMRecProcessor (AutoProcessor) when it holds what the modality reads
+        has_processor=item is not None and (has_tokenizer or not item.uses_text)
+        and (has_image_processor or not item.uses_vision),
         training_datasets=data.datasets,
         training_data=data.training_data,
         hyperparameters=[(k, _format_value(v)) for k, v in data.hyperparameters.items()],

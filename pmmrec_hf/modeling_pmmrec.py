@@ -1,7 +1,8 @@
 """PMMRec models: item encoder, user encoder and the full pre-training model.
 
-This file travels with every Hub checkpoint (``trust_remote_code`` loading): it imports only torch,
-transformers and its sibling files.
+This file travels with every Hub checkpoint (``trust_remote_code`` loading): it imports only torch, numpy,
+transformers and its sibling files (relative imports of flat modules, which is what transformers' dynamic modules
+resolve; `save_pretrained` copies every one of them next to the weights).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import functools
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,7 +19,11 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
+from .configuration_efficientnet_lite import EfficientNetLiteConfig
 from .configuration_pmmrec import PMMRecConfig, PMMRecItemEncoderConfig, PMMRecUserEncoderConfig
+from .modeling_efficientnet_lite import EfficientNetLiteModel
+from .pipelines import custom_pipelines_for
+from .processing_pmmrec import PMMRecProcessor
 from .losses import (
     _user_item_ids,
     distributed_mean,
@@ -347,8 +353,12 @@ class BackboneTower(nn.Module):
 
 
 class PMMRecAttention(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, dropout: float):
+    """Multi-head self-attention. `config._attn_implementation` (read at each call) picks the kernel: "sdpa"
+    (torch's scaled_dot_product_attention, the default) or "eager" (explicit softmax(QK^T / sqrt(d)) V)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float, config=None):
         super().__init__()
+        self.config = config
         self.num_heads = num_heads
         self.head_dim = hidden_size // num_heads
         self.query = nn.Linear(hidden_size, hidden_size)
@@ -365,18 +375,24 @@ class PMMRecAttention(nn.Module):
             return x.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, h, T, dh)
 
         q, k, v = heads(self.query(hidden)), heads(self.key(hidden)), heads(self.value(hidden))
-        context = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
-        )  # (B, h, T, dh)
+        dropout = self.dropout if self.training else 0.0
+        if getattr(self.config, "_attn_implementation", None) == "eager":
+            scores = (q @ k.transpose(-1, -2)) / (self.head_dim ** 0.5)  # (B, h, T, T)
+            scores = scores.masked_fill(~allowed, torch.finfo(scores.dtype).min)
+            weights = F.dropout(scores.softmax(-1), p=dropout, training=self.training)
+            context = weights @ v  # (B, h, T, dh)
+        else:
+            context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)  # (B, h, T, dh)
         return self.output(context.transpose(1, 2).reshape(batch, length, -1))  # (B, T, d)
 
 
 class PMMRecTransformerLayer(_LayerBase):
     """A BERT/SASRec transformer layer: attention + FFN, residuals, post- or pre-layer-norm."""
 
-    def __init__(self, hidden_size, num_heads, intermediate_size, act, dropout, attention_dropout, eps, position="post"):
+    def __init__(self, hidden_size, num_heads, intermediate_size, act, dropout, attention_dropout, eps, position="post",
+                 config=None):
         super().__init__()
-        self.attention = PMMRecAttention(hidden_size, num_heads, attention_dropout)
+        self.attention = PMMRecAttention(hidden_size, num_heads, attention_dropout, config=config)
         self.attention_norm = nn.LayerNorm(hidden_size, eps=eps)
         self.intermediate = nn.Linear(hidden_size, intermediate_size)
         self.act = ACT2FN[act]
@@ -403,7 +419,53 @@ class PMMRecPreTrainedModel(PreTrainedModel):
     base_model_prefix = "pmmrec"
     supports_gradient_checkpointing = True
     _no_split_modules = ["PMMRecTransformerLayer"]
-    _supports_sdpa = True
+    _supports_sdpa = True  # "eager" and "sdpa" are implemented; flash / flex attention are refused by transformers
+
+    def _collect_no_split_modules(self, *modules) -> None:
+        """This model's `_no_split_modules`: its own layer class plus those of every backbone inside it, so that
+        `device_map="auto"` never splits a BERT / CLIP / ... layer across devices."""
+        names = set(type(self)._no_split_modules or ())
+        for module in modules:
+            if module is not None:
+                names.update(getattr(module, "_no_split_modules", None) or ())
+        self._no_split_modules = sorted(names)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the transformers pipelines this component serves, written to the
+        saved config's `custom_pipelines` (the pipeline code, pipelines.py, is copied with the modelling code), so
+        that `pipeline(task, model=folder_or_repo, trust_remote_code=True)` works."""
+        tasks = custom_pipelines_for(self.config.model_type)
+        had = "custom_pipelines" in self.config.__dict__
+        previous = self.config.__dict__.get("custom_pipelines")
+        if tasks:
+            self.config.custom_pipelines = tasks
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            if had:
+                self.config.custom_pipelines = previous
+            else:
+                self.config.__dict__.pop("custom_pipelines", None)
+
+    @staticmethod
+    def _requested_attn_implementation(config) -> str | None:
+        """The attention implementation the caller asked for (None: transformers' default choice)."""
+        value = getattr(config, "_attn_implementation_internal", None)
+        return value if isinstance(value, str) else None
+
+    @staticmethod
+    def _pass_attn_implementation(requested: str | None, *backbones) -> None:
+        """Apply an explicitly requested attention implementation to pretrained backbones (transformers raises a
+        ValueError naming the backbone when it does not support it)."""
+        if requested is None:
+            return
+        for backbone in backbones:
+            if backbone is not None and isinstance(backbone, PreTrainedModel):
+                if backbone.config._attn_implementation != requested:
+                    checked = backbone._check_and_adjust_attn_implementation(requested, is_init_check=False)
+                    for module in backbone.modules():
+                        if isinstance(module, PreTrainedModel):
+                            module.config._attn_implementation_internal = checked
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """``PreTrainedModel.save_pretrained``, atomic (``pmmrec_hf.atomic_io.InPlaceWrite``): the files are
@@ -550,8 +612,78 @@ def _masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 _UNUSED_BACKBONE_PARTS = ("pooler.", "head.", "classifier.", "lm_head.", "visual_projection.", "text_projection.")
 
 
+#: Backbone model types whose code ships with this file (no AutoModel registration needed: remote code loads them).
+_LOCAL_BACKBONES = {EfficientNetLiteConfig.model_type: EfficientNetLiteModel}
+
+
 def _backbone_class(config):
+    if config.model_type in _LOCAL_BACKBONES:
+        return _LOCAL_BACKBONES[config.model_type]
     return AutoModel._model_mapping[type(config)]
+
+
+def _build_backbone(config, requested_attn: str | None = None):
+    """A randomly initialised backbone of `config` (its weights come from the checkpoint afterwards)."""
+    if requested_attn is not None:
+        config._attn_implementation_internal = requested_attn
+    return _backbone_class(config)._from_config(config)
+
+
+def _check_return_dict(return_dict, config) -> bool:
+    return return_dict if return_dict is not None else getattr(config, "return_dict", True)
+
+
+def _to_numpy_or_tensor(embeddings: torch.Tensor, convert_to_tensor: bool):
+    embeddings = embeddings.float().cpu()
+    return embeddings if convert_to_tensor else embeddings.numpy()
+
+
+def _batches(count: int, batch_size: int, show_progress_bar: bool, description: str):
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    starts = range(0, count, batch_size)
+    if show_progress_bar:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=description, total=len(starts))
+    return starts
+
+
+class _InferenceMode:
+    """eval mode + torch.inference_mode for the duration, the model's mode restored afterwards."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self):
+        self.training = self.model.training
+        self.model.eval()
+        self.context = torch.inference_mode()
+        self.context.__enter__()
+
+    def __exit__(self, *exc):
+        self.context.__exit__(*exc)
+        self.model.train(self.training)
+
+
+def _check_raw_items(texts, images, item_config):
+    """(texts list or None, images list or None, count), checked against the encoder's modality."""
+    if isinstance(texts, str):
+        raise ValueError("`texts` must be a list of strings (one per item), got a single string: wrap it in a list.")
+    texts = list(texts) if texts is not None else None
+    images = list(images) if images is not None else None
+    if item_config.uses_text and texts is None:
+        raise ValueError(f"This item encoder (modality {item_config.modality!r}) needs `texts`.")
+    if item_config.modality == "vision" and images is None:
+        raise ValueError("This item encoder (modality 'vision') needs `images`.")
+    if item_config.modality == "text" and images is not None:
+        raise ValueError("This item encoder (modality 'text') reads no images: pass `texts` only.")
+    if item_config.modality == "vision" and texts is not None:
+        raise ValueError("This item encoder (modality 'vision') reads no texts: pass `images` only.")
+    if texts is not None and images is not None and len(texts) != len(images):
+        raise ValueError(f"{len(texts)} texts but {len(images)} images: give one of each per item (None for an item "
+                         "without an image).")
+    return texts, images, len(texts) if texts is not None else len(images)
 
 
 class PMMRecItemEncoder(PMMRecPreTrainedModel):
@@ -564,9 +696,13 @@ class PMMRecItemEncoder(PMMRecPreTrainedModel):
 
     config_class = PMMRecItemEncoderConfig
     base_model_prefix = "item_encoder"
+    main_input_name = "input_ids"  # "pixel_values" for a vision-only encoder (set per instance)
 
     def __init__(self, config: PMMRecItemEncoderConfig, text_model: nn.Module | None = None, vision_model: nn.Module | None = None):
+        requested_attn = self._requested_attn_implementation(config)
         super().__init__(config)
+        self.main_input_name = "pixel_values" if config.modality == "vision" else "input_ids"
+        self._processor = None
         d = config.hidden_size
         self.text_tower = self.vision_tower = None
         self.text_projection = self.vision_projection = None
@@ -579,7 +715,7 @@ class PMMRecItemEncoder(PMMRecPreTrainedModel):
             self.fusion = nn.ModuleList(
                 PMMRecTransformerLayer(
                     d, config.fusion_num_attention_heads, config.fusion_intermediate_size, config.fusion_hidden_act,
-                    config.fusion_dropout, config.fusion_dropout, config.fusion_layer_norm_eps,
+                    config.fusion_dropout, config.fusion_dropout, config.fusion_layer_norm_eps, config=config,
                 )
                 for _ in range(config.fusion_num_layers)
             )
@@ -588,12 +724,14 @@ class PMMRecItemEncoder(PMMRecPreTrainedModel):
         build = text_model is None and vision_model is None
         if build:
             self._attach_backbones(
-                AutoModel.from_config(config.text_config) if config.uses_text else None,
-                AutoModel.from_config(config.vision_config) if config.uses_vision else None,
+                _build_backbone(config.text_config, requested_attn) if config.uses_text else None,
+                _build_backbone(config.vision_config, requested_attn) if config.uses_vision else None,
             )
         self.post_init()
         if not build:
             self._attach_backbones(text_model, vision_model)
+            self._pass_attn_implementation(requested_attn, text_model, vision_model)
+        self._collect_no_split_modules(self.text_model, self.vision_model)
 
     def _attach_backbones(self, text_model, vision_model) -> None:
         config = self.config
@@ -626,6 +764,99 @@ class PMMRecItemEncoder(PMMRecPreTrainedModel):
             size = size[0]
         dtype = next(tower.backbone.parameters()).dtype
         return {"pixel_values": torch.zeros(1, 3, size, size, device=device, dtype=dtype)}
+
+    @property
+    def dummy_inputs(self) -> dict[str, torch.Tensor]:
+        """Two items in the inputs this encoder reads (token ids / attention mask, and / or blank images)."""
+        inputs: dict[str, torch.Tensor] = {}
+        device = self.device
+        if self.config.uses_text:
+            ids = torch.tensor([[1, 2, 3, 4], [1, 2, 0, 0]], dtype=torch.long, device=device)
+            inputs.update(input_ids=ids, attention_mask=(ids > 0).long())
+        if self.config.uses_vision:
+            tower = self._example_inputs(self.vision_tower)["pixel_values"]
+            inputs["pixel_values"] = tower.expand(2, -1, -1, -1).clone()
+        return inputs
+
+    def set_processor(self, processor) -> None:
+        """The processor `encode` uses (default: the one saved with the checkpoint this model was loaded from)."""
+        self._processor = processor
+
+    def get_processor(self, **kwargs) -> PMMRecProcessor:
+        """The `PMMRecProcessor` of this item encoder: the one set with `set_processor`, else the one saved with the
+        checkpoint it was loaded from (`name_or_path`; Hub options in `kwargs`), else, for a vision-only encoder, one
+        built from the config. A text encoder without a saved processor needs its tokenizer: raises ValueError."""
+        if self._processor is None:
+            source = getattr(self, "name_or_path", None) or getattr(self.config, "_name_or_path", None)
+            found = None
+            if source:
+                try:
+                    found = PMMRecProcessor.from_pretrained(source, **kwargs)
+                except OSError:
+                    found = None
+            if found is None and not self.config.uses_text:
+                found = PMMRecProcessor.from_item_config(self.config)
+            if found is None:
+                raise ValueError(
+                    f"No PMMRec processor for this item encoder ({source or 'not loaded from a folder'} has no "
+                    "processor_config.json): pass `processor=PMMRecProcessor.from_item_config(model.config, tokenizer)` "
+                    "(the text backbone's tokenizer), or call `set_processor` first."
+                )
+            self._processor = found
+        return self._processor
+
+    def encode(
+        self,
+        texts=None,
+        images=None,
+        *,
+        processor: PMMRecProcessor | None = None,
+        batch_size: int = 32,
+        normalize: bool = False,
+        show_progress_bar: bool = False,
+        convert_to_tensor: bool = False,
+    ):
+        """Item embeddings of raw items, sentence-transformers style.
+
+        Args:
+            texts (`list[str]`, *optional*): one text per item (required unless the encoder is vision-only).
+            images (`list`, *optional*): one image per item (PIL image of any mode, bytes, path, uint8 array; None
+                for an item without an image); required for a vision-only encoder, optional for a multi-modal one
+                (then every item is embedded from its text alone, as an item without an image is in training).
+            processor (`PMMRecProcessor`, *optional*): default `get_processor()`.
+            batch_size (`int`, *optional*, defaults to 32): items per forward pass.
+            normalize (`bool`, *optional*, defaults to `False`): L2-normalise each embedding.
+            show_progress_bar (`bool`, *optional*, defaults to `False`): a tqdm bar over the batches.
+            convert_to_tensor (`bool`, *optional*, defaults to `False`): return a torch tensor instead of numpy.
+
+        Returns:
+            `np.ndarray` (or `torch.Tensor`) of shape (num_items, hidden_size), float32, on the CPU. Runs in eval mode
+            under `torch.inference_mode()`; the model's mode is restored.
+        """
+        texts, images, count = _check_raw_items(texts, images, self.config)
+        processor = processor if processor is not None else self.get_processor()
+        pieces = []
+        with _InferenceMode(self):
+            for start in _batches(count, batch_size, show_progress_bar, "Encoding items"):
+                pieces.append(self._encode_raw(processor, texts, images, start, start + batch_size))
+        embeddings = torch.cat(pieces) if pieces else torch.zeros(0, self.config.hidden_size)
+        if normalize:
+            embeddings = F.normalize(embeddings, dim=-1)
+        return _to_numpy_or_tensor(embeddings, convert_to_tensor)
+
+    def _encode_raw(self, processor, texts, images, start: int, stop: int) -> torch.Tensor:
+        """Raw item embeddings (N, d) of items [start, stop) of `texts` / `images` (lists or None)."""
+        batch_texts = texts[start:stop] if texts is not None else None
+        count = len(batch_texts) if batch_texts is not None else len(images[start:stop])
+        batch_images = images[start:stop] if images is not None else None
+        if batch_images is None and self.config.modality == "multimodal":
+            batch_images = [None] * count  # no image: embedded from the text alone
+        inputs = processor(text=batch_texts if self.config.uses_text else None,
+                           images=batch_images if self.config.uses_vision else None)
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return self(**inputs).item_embeddings.float().cpu()
 
     @property
     def text_model(self) -> nn.Module | None:
@@ -720,10 +951,35 @@ class PMMRecItemEncoder(PMMRecPreTrainedModel):
         image_mask: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> PMMRecItemEncoderOutput:
-        """`image_mask` (N,) bool, optional: False for an item without a real image (its `pixel_values` are a
-        placeholder). A multi-modal item encoder then leaves that item's image tokens out of the fusion (as
-        attention keys and from the mean): the item embedding comes from its text alone. The collator gives it."""
+    ) -> PMMRecItemEncoderOutput | tuple:
+        r"""Embed a batch of N items from their text and / or image.
+
+        Args:
+            input_ids (`torch.LongTensor` of shape `(N, T)`, *optional*):
+                Token ids of each item's text (the `PMMRecProcessor`'s output). Required by a text or multi-modal
+                encoder unless `text_features` are given.
+            attention_mask (`torch.LongTensor` of shape `(N, T)`, *optional*):
+                1 for real tokens, 0 for padding (default: all ones).
+            pixel_values (`torch.FloatTensor` of shape `(N, 3, H, W)`, *optional*):
+                Each item's image, processed by the `PMMRecImageProcessor`. Required by a vision or multi-modal
+                encoder unless `vision_features` are given.
+            text_features (`torch.FloatTensor`, *optional*):
+                Precomputed frozen-tower text features (`text_frozen_features`, e.g. from a `FeatureCache`), in place
+                of `input_ids`.
+            vision_features (`torch.FloatTensor`, *optional*):
+                Precomputed frozen-tower image features (`vision_frozen_features`), in place of `pixel_values`.
+            image_mask (`torch.BoolTensor` of shape `(N,)`, *optional*):
+                False for an item without a real image (its `pixel_values` are a placeholder). A multi-modal encoder
+                then leaves that item's image tokens out of the fusion (as attention keys and from the mean): its
+                embedding comes from its text alone. The processor and the collator give it.
+            return_dict (`bool`, *optional*):
+                Return a [`PMMRecItemEncoderOutput`] (default) or a plain tuple.
+
+        Returns:
+            [`PMMRecItemEncoderOutput`] or `tuple`: `item_embeddings` (N, d), `text_embeddings` (N, d) or None,
+            `vision_embeddings` (N, d) or None, `last_hidden_state` (N, T + V, d) (multi-modal only), `image_mask`;
+            as a tuple, the fields that are not None, in that order.
+        """
         config = self.config
         text_emb = vision_emb = fused = None
         if config.uses_text:
@@ -750,10 +1006,41 @@ class PMMRecItemEncoder(PMMRecPreTrainedModel):
             item_emb = _masked_mean(tokens, mask)  # (N, d)
         else:
             item_emb = text_emb if config.modality == "text" else vision_emb
-        return PMMRecItemEncoderOutput(
+        output = PMMRecItemEncoderOutput(
             item_embeddings=item_emb, text_embeddings=text_emb, vision_embeddings=vision_emb, last_hidden_state=fused,
             image_mask=image_mask,
         )
+        return output if _check_return_dict(return_dict, config) else output.to_tuple()
+
+
+def _as_history_list(histories, hidden_size: int) -> list[torch.Tensor]:
+    if isinstance(histories, (torch.Tensor, np.ndarray)):
+        histories = torch.as_tensor(histories)
+        if histories.dim() != 3:
+            raise ValueError(f"`histories` as one tensor must be (num_users, length, d), got shape {tuple(histories.shape)}.")
+        histories = list(histories)
+    result = []
+    for user, history in enumerate(histories):
+        history = torch.as_tensor(history, dtype=torch.float32)
+        if history.dim() != 2 or history.shape[-1] != hidden_size:
+            raise ValueError(f"history {user}: expected item embeddings of shape (length, {hidden_size}), got "
+                             f"{tuple(history.shape)}.")
+        if history.shape[0] == 0:
+            raise ValueError(f"history {user} is empty: a user needs at least one item.")
+        result.append(history)
+    return result
+
+
+def _left_pad(histories: list[torch.Tensor], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, d) left-padded embeddings of the last `max_length` items of each history, and the (B, S) bool mask."""
+    histories = [h[-max_length:] for h in histories]
+    length = max(h.shape[0] for h in histories)
+    embeds = torch.zeros(len(histories), length, histories[0].shape[-1])
+    mask = torch.zeros(len(histories), length, dtype=torch.bool)
+    for row, history in enumerate(histories):
+        embeds[row, length - history.shape[0]:] = history
+        mask[row, length - history.shape[0]:] = True
+    return embeds, mask
 
 
 class PMMRecUserEncoder(PMMRecPreTrainedModel):
@@ -761,6 +1048,7 @@ class PMMRecUserEncoder(PMMRecPreTrainedModel):
 
     config_class = PMMRecUserEncoderConfig
     base_model_prefix = "user_encoder"
+    main_input_name = "inputs_embeds"
 
     def __init__(self, config: PMMRecUserEncoderConfig):
         super().__init__(config)
@@ -772,7 +1060,7 @@ class PMMRecUserEncoder(PMMRecPreTrainedModel):
             PMMRecTransformerLayer(
                 d, config.num_attention_heads, config.intermediate_size, config.hidden_act,
                 config.hidden_dropout_prob, config.attention_probs_dropout_prob, config.layer_norm_eps,
-                config.layer_norm_position,
+                config.layer_norm_position, config=config,
             )
             for _ in range(config.num_hidden_layers)
         )
@@ -780,14 +1068,67 @@ class PMMRecUserEncoder(PMMRecPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @property
+    def dummy_inputs(self) -> dict[str, torch.Tensor]:
+        """Two users' histories of item embeddings (the first left-padded)."""
+        d = self.config.hidden_size
+        embeds = torch.zeros(2, 3, d, device=self.device, dtype=self.dtype)
+        return {"inputs_embeds": embeds, "attention_mask": torch.tensor([[0, 1, 1], [1, 1, 1]], device=self.device)}
+
+    def encode(
+        self,
+        histories,
+        *,
+        batch_size: int = 32,
+        normalize: bool = False,
+        show_progress_bar: bool = False,
+        convert_to_tensor: bool = False,
+    ):
+        """User embeddings (the state after each history's last item) from histories of item embeddings.
+
+        Args:
+            histories: one sequence of item embeddings per user, oldest first: a list of (L_i, d) arrays / tensors
+                (lengths may differ), or a (B, L, d) tensor / array. Only the last `max_position_embeddings` items
+                of a history are read (the training window); an empty history is an error.
+            batch_size, normalize, show_progress_bar, convert_to_tensor: as in `PMMRecItemEncoder.encode`.
+
+        Returns:
+            `np.ndarray` (or `torch.Tensor`) of shape (num_users, hidden_size), float32, on the CPU.
+        """
+        histories = _as_history_list(histories, self.config.hidden_size)
+        pieces = []
+        with _InferenceMode(self):
+            for start in _batches(len(histories), batch_size, show_progress_bar, "Encoding users"):
+                embeds, mask = _left_pad(histories[start:start + batch_size], self.config.max_position_embeddings)
+                out = self(inputs_embeds=embeds.to(device=self.device, dtype=self.dtype), attention_mask=mask.to(self.device))
+                pieces.append(out.user_embeddings.float().cpu())
+        embeddings = torch.cat(pieces) if pieces else torch.zeros(0, self.config.hidden_size)
+        if normalize:
+            embeddings = F.normalize(embeddings, dim=-1)
+        return _to_numpy_or_tensor(embeddings, convert_to_tensor)
+
     def forward(
         self,
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> PMMRecUserEncoderOutput:
-        """inputs_embeds: (B, S, d) item embeddings, left-padded; attention_mask: (B, S) 1 real / 0 padding."""
+    ) -> PMMRecUserEncoderOutput | tuple:
+        r"""Encode users from the embeddings of the items they interacted with.
+
+        Args:
+            inputs_embeds (`torch.FloatTensor` of shape `(B, S, d)`):
+                Item embeddings of each user's history, oldest first, left-padded (the last column is the most
+                recent item); S is at most `config.max_position_embeddings`.
+            attention_mask (`torch.Tensor` of shape `(B, S)`, *optional*):
+                1 (True) at real items, 0 at padding (default: all real).
+            return_dict (`bool`, *optional*):
+                Return a [`PMMRecUserEncoderOutput`] (default) or a plain tuple.
+
+        Returns:
+            [`PMMRecUserEncoderOutput`] or `tuple`: `last_hidden_state` (B, S, d), the user state after each position,
+            and `user_embeddings` (B, d), the state at the last position.
+        """
         batch, length, _ = inputs_embeds.shape
         max_length = self.config.max_position_embeddings
         if length > max_length:
@@ -811,7 +1152,29 @@ class PMMRecUserEncoder(PMMRecPreTrainedModel):
             hidden = layer(hidden, allowed)
         if self.final_norm is not None:
             hidden = self.final_norm(hidden)
-        return PMMRecUserEncoderOutput(last_hidden_state=hidden, user_embeddings=hidden[:, -1])
+        output = PMMRecUserEncoderOutput(last_hidden_state=hidden, user_embeddings=hidden[:, -1])
+        return output if _check_return_dict(return_dict, self.config) else output.to_tuple()
+
+
+def _split_raw_items(items: list, user: int):
+    """(texts or None, images or None) of a history of raw items (a text, or a dict with "text" / "image")."""
+    texts, images = [], []
+    for item in items:
+        if isinstance(item, str):
+            texts.append(item)
+            images.append(None)
+        elif isinstance(item, dict):
+            unknown = set(item) - {"text", "image"}
+            if unknown:
+                raise ValueError(f"history {user}: an item dict takes 'text' and 'image', got {sorted(unknown)}.")
+            texts.append(item.get("text"))
+            images.append(item.get("image"))
+        else:
+            raise ValueError(f"history {user}: an item is a text or a dict with 'text' / 'image', got "
+                             f"{type(item).__name__}.")
+    has_text = any(t is not None for t in texts)
+    has_image = any(i is not None for i in images)
+    return (texts if has_text else None), (images if has_image else None)
 
 
 class PMMRecModel(PMMRecPreTrainedModel):
@@ -828,6 +1191,7 @@ class PMMRecModel(PMMRecPreTrainedModel):
 
     config_class = PMMRecConfig
     base_model_prefix = "pmmrec"
+    main_input_name = "item_index"
 
     def __init__(
         self,
@@ -835,6 +1199,10 @@ class PMMRecModel(PMMRecPreTrainedModel):
         item_encoder: PMMRecItemEncoder | None = None,
         user_encoder: PMMRecUserEncoder | None = None,
     ):
+        requested_attn = self._requested_attn_implementation(config)
+        if requested_attn is not None:  # the encoders (and their backbones) use what was asked for the model
+            config.item_encoder_config._attn_implementation_internal = requested_attn
+            config.user_encoder_config._attn_implementation_internal = requested_attn
         super().__init__(config)
         d = config.item_encoder_config.hidden_size
         p = config.nicl_projection_size
@@ -853,7 +1221,43 @@ class PMMRecModel(PMMRecPreTrainedModel):
             self.item_encoder = item_encoder
         if user_encoder is not None:
             self.user_encoder = user_encoder
+        self._collect_no_split_modules(self.item_encoder, self.user_encoder)
         self.apply_freezing()
+
+    @property
+    def dummy_inputs(self) -> dict[str, torch.Tensor]:
+        """A training batch of two users over the two dummy items of the item encoder."""
+        inputs = dict(self.item_encoder.dummy_inputs)
+        inputs["item_ids"] = torch.tensor([0, 1], device=self.device)
+        inputs["item_index"] = torch.tensor([[-1, 0, 1], [1, 0, 1]], device=self.device)
+        return inputs
+
+    def get_processor(self, **kwargs) -> PMMRecProcessor:
+        """The item encoder's `PMMRecProcessor` (see `PMMRecItemEncoder.get_processor`; this model's checkpoint first)."""
+        item = self.item_encoder
+        if item._processor is None:
+            source = getattr(self, "name_or_path", None)
+            if source:
+                try:
+                    item._processor = PMMRecProcessor.from_pretrained(source, **kwargs)
+                except OSError:
+                    pass
+        return item.get_processor(**kwargs)
+
+    def set_processor(self, processor) -> None:
+        self.item_encoder.set_processor(processor)
+
+    def encode(self, texts=None, images=None, *, processor=None, batch_size: int = 32, normalize: bool | None = None,
+               show_progress_bar: bool = False, convert_to_tensor: bool = False):
+        """Item embeddings of raw items as this model scores them (`PMMRecItemEncoder.encode`, L2-normalised when
+        `next_item_similarity="cosine"`; `normalize=True` forces it). Same arguments and return value."""
+        if normalize is None:
+            normalize = self.config.next_item_similarity == "cosine"
+        return self.item_encoder.encode(
+            texts, images, processor=processor if processor is not None else self.get_processor(),
+            batch_size=batch_size, normalize=normalize, show_progress_bar=show_progress_bar,
+            convert_to_tensor=convert_to_tensor,
+        )
 
     def apply_freezing(self) -> None:
         """Make exactly the parameters that the configured objectives use trainable: the NICL heads only when
@@ -894,9 +1298,52 @@ class PMMRecModel(PMMRecPreTrainedModel):
         L2-normalised with `next_item_similarity="cosine"`."""
         return _normalise_if_cosine(self.item_encoder(**item_inputs).item_embeddings, self.config)
 
-    def encode_users(self, item_embeddings: torch.Tensor, item_index: torch.Tensor) -> PMMRecUserEncoderOutput:
-        """User states for sequences given as indices (B, S) into item_embeddings (N, d), -1 at padding."""
-        return _encode_users(self.user_encoder, item_embeddings, item_index, self.config)
+    def encode_users(
+        self,
+        item_embeddings: torch.Tensor | None = None,
+        item_index: torch.Tensor | None = None,
+        *,
+        histories=None,
+        processor=None,
+        batch_size: int = 32,
+        normalize: bool | None = None,
+        show_progress_bar: bool = False,
+        convert_to_tensor: bool = False,
+    ):
+        """User states, in one of two forms.
+
+        - `encode_users(item_embeddings, item_index)`: sequences given as indices (B, S) into `item_embeddings`
+          (N, d), -1 at padding; returns a [`PMMRecUserEncoderOutput`] (what training and evaluation use).
+        - `encode_users(histories=...)`: one history per user, oldest first, each either a (L_i, d) array / tensor
+          of item embeddings (as `encode` returns them) or a list of raw items (a text, or a dict with "text"
+          and / or "image"); returns the (num_users, d) user embeddings as numpy (or a tensor with
+          `convert_to_tensor`), L2-normalised with `next_item_similarity="cosine"` (or `normalize=True`).
+        """
+        if histories is None:
+            if item_embeddings is None or item_index is None:
+                raise ValueError("Give `item_embeddings` and `item_index`, or `histories=`.")
+            return _encode_users(self.user_encoder, item_embeddings, item_index, self.config)
+        if item_embeddings is not None or item_index is not None:
+            raise ValueError("Give `histories=` alone, or `item_embeddings` with `item_index`, not both.")
+        if normalize is None:
+            normalize = self.config.next_item_similarity == "cosine"
+        embedded = []
+        for user, history in enumerate(histories):
+            if isinstance(history, (torch.Tensor, np.ndarray)):
+                embedded.append(torch.as_tensor(history, dtype=torch.float32))
+                continue
+            history = list(history)
+            if not history:
+                raise ValueError(f"history {user} is empty: a user needs at least one item.")
+            texts, images = _split_raw_items(history, user)
+            embedded.append(self.encode(texts, images, processor=processor, batch_size=batch_size,
+                                        normalize=None, convert_to_tensor=True))
+        embedded = [_normalise_if_cosine(h, self.config) for h in embedded]
+        users = self.user_encoder.encode(embedded, batch_size=batch_size, show_progress_bar=show_progress_bar,
+                                         convert_to_tensor=True)
+        if normalize:
+            users = F.normalize(users, dim=-1)
+        return _to_numpy_or_tensor(users, convert_to_tensor)
 
     def forward(
         self,
@@ -915,8 +1362,39 @@ class PMMRecModel(PMMRecPreTrainedModel):
         return_loss: bool = True,
         return_dict: bool | None = None,
         **kwargs,
-    ) -> PMMRecModelOutput:
+    ) -> PMMRecModelOutput | tuple:
+        r"""One pre-training (or inference) step on a batch of B user sequences over N distinct items.
+
+        Args:
+            item_ids (`torch.LongTensor` of shape `(N,)`):
+                Id of each distinct item of the batch (rows of items.parquet); the same item never appears twice.
+            item_index (`torch.LongTensor` of shape `(B, S)`):
+                Each sequence as indices into the N items, oldest first, left-padded with -1. With `return_loss`
+                columns `[:, :-1]` are the inputs and `[:, 1:]` the next-item targets; without, the whole row is the
+                history to encode (at most `max_position_embeddings` columns).
+            input_ids, attention_mask, pixel_values, text_features, vision_features, image_mask:
+                The N items' inputs, as [`PMMRecItemEncoder.forward`] takes them.
+            item_log_popularity (`torch.FloatTensor` of shape `(N,)`, *optional*):
+                log q(item) for the log-q correction of the next-item loss.
+            corrupted_index (`torch.LongTensor` of shape `(B, S - 1)`, *optional*):
+                Corrupted input sequences (indices into the N items) for NID / RCL.
+            corrupted_item_ids (`torch.LongTensor` of shape `(B, S - 1)`, *optional*):
+                The same as item ids (-1 at padding), which may name items of other processes' batches.
+            noise_labels (`torch.LongTensor` of shape `(B, S - 1)`, *optional*):
+                1 where the corrupted sequence holds a replaced item, 0 where not, -100 at padding (NID targets).
+            return_loss (`bool`, *optional*, defaults to `True`):
+                Compute the objectives (False: only embed the items and encode the sequences).
+            return_dict (`bool`, *optional*):
+                Return a [`PMMRecModelOutput`] (default) or a plain tuple.
+
+        Returns:
+            [`PMMRecModelOutput`] or `tuple`: `loss` (the weighted sum of the objectives computed), `next_item_loss`,
+            `nicl_loss`, `nid_loss`, `rcl_loss`, `item_embeddings` (N, d), `user_states` (B, S', d),
+            `user_embeddings` (B, d), `nid_logits` (B, S - 1); as a tuple, the fields that are not None, in that
+            order.
+        """
         config = self.config
+        as_tuple = not _check_return_dict(return_dict, config)
         if corrupted_index is not None and corrupted_item_ids is not None:
             raise ValueError("Give the corrupted sequences as `corrupted_index` or as `corrupted_item_ids`, not both.")
         if not return_loss:
@@ -928,9 +1406,10 @@ class PMMRecModel(PMMRecPreTrainedModel):
         item_emb = _normalise_if_cosine(items.item_embeddings, config)  # (N, d)
         if not return_loss:
             users = self.encode_users(item_emb, item_index)
-            return PMMRecModelOutput(
+            output = PMMRecModelOutput(
                 item_embeddings=item_emb, user_states=users.last_hidden_state, user_embeddings=users.user_embeddings
             )
+            return output.to_tuple() if as_tuple else output
 
         inputs, targets = item_index[:, :-1], item_index[:, 1:]  # (B, L), (B, L)
         users = self.encode_users(item_emb, inputs)
@@ -1022,7 +1501,7 @@ class PMMRecModel(PMMRecPreTrainedModel):
         for name, value in losses.items():
             term = weights[name] * value
             total_loss = term if total_loss is None else total_loss + term
-        return PMMRecModelOutput(
+        output = PMMRecModelOutput(
             loss=total_loss,
             item_embeddings=item_emb,
             user_states=states,
@@ -1030,6 +1509,7 @@ class PMMRecModel(PMMRecPreTrainedModel):
             nid_logits=nid_logits,
             **losses,
         )
+        return output.to_tuple() if as_tuple else output
 
 
 __all__ = [

@@ -63,7 +63,8 @@ _CATALOGUE_FORMATS_WITHOUT_CHECKSUM = ("pmmrec_catalogue/1",)
 _TENSOR_NAME = "item_embeddings"
 
 #: Keys of a processor's output that are passed to ``model.encode_items`` (anything else is dropped).
-ITEM_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "text_features", "vision_features", "item_ids")
+ITEM_INPUT_KEYS = ("input_ids", "attention_mask", "pixel_values", "text_features", "vision_features", "image_mask",
+                   "item_ids")
 
 
 class UnknownItemError(KeyError, ValueError):
@@ -271,9 +272,11 @@ class Recommender:
             ``user_encoder``, e.g. :class:`~pmmrec_hf.sasrec.SASRecModel`). It stays where it is (device,
             dtype); every call runs it in eval mode under ``torch.inference_mode()`` and restores its mode.
         processor: callable ``processor(texts, images) -> dict`` of model inputs (``input_ids``,
-            ``attention_mask``, ``pixel_values``) for raw items. Default: :func:`default_processor` built from
-            ``tokenizer`` / ``image_processor`` (the collator's item encoding with the model's settings), when
-            the model has an item encoder; otherwise only pre-encoded ``item_inputs`` can be embedded.
+            ``attention_mask``, ``pixel_values``, ``image_mask``) for raw items, e.g. a
+            :class:`~pmmrec_hf.PMMRecProcessor`. Default: :func:`default_processor` built from ``tokenizer`` /
+            ``image_processor`` (the collator's item encoding with the model's settings) when one is given; else the
+            ``PMMRecProcessor`` saved with the model's checkpoint (``model.get_processor()``, what
+            ``PMMRecModel.encode`` uses); otherwise only pre-encoded ``item_inputs`` can be embedded.
         tokenizer, image_processor: for the default processor (a tokenizer is needed unless vision-only).
         processor_kwargs: overrides for the default processor (e.g. ``lowercase=False``).
         batch_size: items embedded per forward pass, and histories encoded per user-encoder pass.
@@ -300,8 +303,14 @@ class Recommender:
         self.model = model
         if processor is None and getattr(getattr(model, "config", None), "item_encoder_config", None) is not None:
             modality = model.config.item_encoder_config.modality
-            if tokenizer is not None or modality == "vision":
+            if tokenizer is not None or modality == "vision" or image_processor is not None or processor_kwargs:
                 processor = default_processor(model, tokenizer, image_processor, **dict(processor_kwargs or {}))
+            elif hasattr(model, "get_processor"):
+                # the PMMRecProcessor saved with the checkpoint (PMMRecModel.get_processor / encode use it too)
+                try:
+                    processor = model.get_processor()
+                except ValueError:
+                    processor = None
         self.processor = processor
         self.batch_size = _check_positive_int("batch_size", batch_size)
         self.chunk_size = _check_positive_int("chunk_size", chunk_size)

@@ -879,12 +879,15 @@ def _save_pretrained(model, output_dir: str) -> None:
 def save_pmmrec_outputs(model, output_dir: str, tokenizer=None, image_processor=None) -> dict[str, str]:
     """Save the full model, and the item encoder and the user encoder each on its own, with save_pretrained.
 
-    Layout: ``<output_dir>/model``, ``<output_dir>/item_encoder``, ``<output_dir>/user_encoder``; the
-    tokenizer / image processor go with the full model and the item encoder. Each folder is written
-    atomically with its processors (``pmmrec_hf.atomic_io.InPlaceWrite``): a kill leaves it complete, in its
-    previous version or its new one.
+    Layout: ``<output_dir>/model``, ``<output_dir>/item_encoder``, ``<output_dir>/user_encoder``; the full model
+    and the item encoder each get the item encoder's :class:`~pmmrec_hf.PMMRecProcessor` (the tokenizer, the
+    image processor the encoder was trained with, lower-casing and the text length), loadable with
+    ``AutoProcessor.from_pretrained``. A text model saved without a tokenizer gets no processor (a warning says so).
+    Each folder is written atomically with its processor (``pmmrec_hf.atomic_io.InPlaceWrite``): a kill leaves it
+    complete, in its previous version or its new one.
     """
     from .atomic_io import in_place_write, is_weights_file
+    from .processing_pmmrec import PMMRecProcessor
 
     paths = {"model": os.path.join(output_dir, "model")}
     parts = {"model": model}
@@ -892,11 +895,34 @@ def save_pmmrec_outputs(model, output_dir: str, tokenizer=None, image_processor=
         paths["item_encoder"] = os.path.join(output_dir, "item_encoder")
         paths["user_encoder"] = os.path.join(output_dir, "user_encoder")
         parts["item_encoder"], parts["user_encoder"] = model.item_encoder, model.user_encoder
+    item_config = getattr(getattr(model, "config", None), "item_encoder_config", None)
+    processor = None
+    if item_config is not None:
+        if isinstance(tokenizer, PMMRecProcessor):
+            processor = tokenizer
+        elif tokenizer is not None or not item_config.uses_text:
+            processor = PMMRecProcessor.from_item_config(item_config, tokenizer, _pmmrec_image_processor(image_processor))
+        else:
+            logger.warning("No tokenizer given: %s gets no processor (users must load the text backbone's tokenizer).",
+                           output_dir)
     for key, part in parts.items():
         with in_place_write(paths[key], replaces=is_weights_file) as tmp:
             part.save_pretrained(str(tmp))
             if key in ("model", "item_encoder"):
-                for processor in (tokenizer, image_processor):
-                    if processor is not None:
-                        processor.save_pretrained(str(tmp))
+                if processor is not None:
+                    processor.save_pretrained(str(tmp))
+                else:
+                    for extra in (tokenizer, image_processor):
+                        if extra is not None:
+                            extra.save_pretrained(str(tmp))
     return paths
+
+
+def _pmmrec_image_processor(image_processor):
+    """The image processor to publish: ours (None: built from the config), or a foreign one, with a warning that it
+    is not the transform the collator trained with unless the caller trained with it."""
+    if image_processor is None or type(image_processor).__name__ == "PMMRecImageProcessor":
+        return image_processor
+    logger.warning("Saving a %s as the image processor: the model's processor will use it instead of the "
+                   "PMMRecImageProcessor built from the config.", type(image_processor).__name__)
+    return image_processor

@@ -262,3 +262,54 @@ def apply_lora(
     for name, param in peft_model.named_parameters():
         param.requires_grad = "lora_" in name
     return peft_model
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # pragma: no cover - peft is a dependency
+        return False
+    return isinstance(model, PeftModel)
+
+
+def lora_base_model(peft_model) -> PMMRecModel:
+    """The base model of a LoRA-wrapped PMMRec model, without its adapters (a copy: `peft_model` is unchanged).
+    Only the adapters train under :func:`apply_lora`, so this is the model the adapters were trained on."""
+    return copy.deepcopy(peft_model).unload()
+
+
+#: What `AutoPeftModel` imports to load the base model: transformers' AutoModel, which reads the base repo's
+#: `auto_map` (with `trust_remote_code=True`), instead of this package's class (not in peft's import allowlist).
+LORA_AUTO_MAPPING = {"base_model_class": "AutoModel", "parent_library": "transformers"}
+
+
+def save_lora_adapter(peft_model, save_directory: str, base_model_name_or_path: str, revision: str | None = None):
+    """Save the LoRA adapter of `peft_model` alone (adapter_config.json + adapter_model.safetensors), naming its base
+    model `base_model_name_or_path` (the published full model's repo id, or a folder) and mapping the base class to
+    ``transformers.AutoModel``, so that both ``PeftModel.from_pretrained(AutoModel.from_pretrained(base,
+    trust_remote_code=True), adapter)`` and ``AutoPeftModel.from_pretrained(adapter, trust_remote_code=True)`` load
+    it. peft would otherwise record the local path of the base and the class ``pmmrec_hf.modeling_pmmrec.PMMRecModel``,
+    which ``AutoPeftModel`` refuses ("not in the import allowlist")."""
+    import json
+    import os
+
+    if not is_peft_model(peft_model):
+        raise TypeError(f"Expected a peft PeftModel (see apply_lora), got {type(peft_model).__name__}.")
+    if not base_model_name_or_path:
+        raise ValueError("`base_model_name_or_path` is required: the repo id (or folder) of the adapter's base model.")
+    peft_model.save_pretrained(save_directory)
+    written = []
+    for root, _, files in os.walk(save_directory):
+        if "adapter_config.json" in files:
+            path = os.path.join(root, "adapter_config.json")
+            with open(path, encoding="utf-8") as handle:
+                config = json.load(handle)
+            config["base_model_name_or_path"] = str(base_model_name_or_path)
+            config["revision"] = revision
+            config["auto_mapping"] = dict(LORA_AUTO_MAPPING)
+            with open(path, "w", encoding="utf-8") as handle:
+                json.dump(config, handle, indent=2, sort_keys=True)
+            written.append(path)
+    if not written:
+        raise RuntimeError(f"peft wrote no adapter_config.json under {save_directory}.")
+    return written

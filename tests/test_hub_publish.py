@@ -134,8 +134,8 @@ def test_remote_code_loading_from_the_hub_without_the_package(published, server,
         full = AutoModel.from_pretrained("alice/pub-full", trust_remote_code=True).eval()
         assert type(full).__name__ == "PMMRecModel"
         assert torch.equal(full(**inputs["batch"]).loss, expected["loss"])
-        tokenizer = AutoTokenizer.from_pretrained("alice/pub-item")
-        pixels = AutoImageProcessor.from_pretrained("alice/pub-item")(images=[__import__("PIL.Image").Image.new("RGB", (50, 40))], return_tensors="pt")["pixel_values"]
+        tokenizer = AutoTokenizer.from_pretrained("alice/pub-item", trust_remote_code=True)
+        pixels = AutoImageProcessor.from_pretrained("alice/pub-item", trust_remote_code=True)(images=[__import__("PIL.Image").Image.new("RGB", (50, 40))], return_tensors="pt")["pixel_values"]
         assert pixels.shape == (1, 3, {IMAGE}, {IMAGE}), pixels.shape
         text = tokenizer(["red cotton t-shirt"], return_tensors="pt")
         out = item(input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=pixels)

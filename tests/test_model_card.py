@@ -252,7 +252,11 @@ def test_single_modality_item_encoder_card():
     card = render_model_card(tiny_card_config("text").item_encoder_config, {"repo_id": "org/text-items"}).content
     assert "multimodal" not in ModelCard(card).data.tags
     snippet = python_blocks(card)[0]
-    assert "tokenizer(" in snippet and "pixel_values" not in snippet and "Image" not in snippet
+    assert "processor(text=titles)" in snippet and "pixel_values" not in snippet and "Image" not in snippet
+    assert 'AutoProcessor.from_pretrained("org/text-items", trust_remote_code=True)' in snippet
+    without = render_model_card(tiny_card_config("text").item_encoder_config, {"repo_id": "org/text-items"},
+                                has_tokenizer=False).content
+    assert "tokenizer(" in python_blocks(without)[0] and "AutoProcessor" not in python_blocks(without)[0]
     vision = render_model_card(tiny_card_config("vision").item_encoder_config, has_image_processor=False).content
     snippet = python_blocks(vision)[0]
     assert "ViTImageProcessor(" in snippet and "tokenizer" not in snippet
@@ -305,7 +309,7 @@ def test_example_card_snippets_run_against_a_local_hub(tmp_path, capsys):
             push_pmmrec_to_hub(model, *EXAMPLE_REPOS.values(), token=ALICE, tokenizer=tiny_tokenizer())
             for component, name in EXAMPLE_FILES.items():
                 blocks = python_blocks((EXAMPLES_DIR / name).read_text(encoding="utf-8"))
-                assert len(blocks) == 2, name
+                assert len(blocks) == (2 if component == "user_encoder" else 3), name  # + the pipeline block
                 for block in blocks:
                     namespace: dict = {"__name__": f"snippet_{component}"}
                     exec(compile(block, f"<{name}>", "exec"), namespace)  # noqa: S102 - our own documentation

@@ -76,7 +76,9 @@ def load_image(value: Any):
 class PMMRecImageTransform:
     """The research code's transform: RGB, squash to ``image_size`` (bilinear, no crop), [0, 1], normalise.
 
-    Call it on a list of PIL images; returns a float tensor (n, 3, image_size, image_size).
+    Call it on a list of PIL images; returns a float tensor (n, 3, image_size, image_size). It runs the published
+    preprocessor's code (:class:`pmmrec_hf.processing_pmmrec.PMMRecImageProcessor`, what is saved as
+    ``preprocessor_config.json`` with every checkpoint): training and users share one image path.
     """
 
     def __init__(
@@ -85,37 +87,19 @@ class PMMRecImageTransform:
         image_mean: Sequence[float] = DEFAULT_IMAGE_MEAN,
         image_std: Sequence[float] = DEFAULT_IMAGE_STD,
     ) -> None:
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
-            raise ValueError(f"`image_size` must be a positive integer, got {image_size!r}.")
-        if len(image_mean) != 3 or len(image_std) != 3:
-            raise ValueError("`image_mean` and `image_std` need 3 values (RGB).")
-        if any(s <= 0 for s in image_std):
-            raise ValueError(f"`image_std` values must be positive, got {list(image_std)!r}.")
-        self.image_size = image_size
-        self.image_mean = tuple(float(m) for m in image_mean)
-        self.image_std = tuple(float(s) for s in image_std)
+        from ..processing_pmmrec import PMMRecImageProcessor
+
+        self.image_processor = PMMRecImageProcessor(image_size=image_size, image_mean=image_mean, image_std=image_std)
+        self.image_size = self.image_processor.image_size
+        self.image_mean = tuple(self.image_processor.image_mean)
+        self.image_std = tuple(self.image_processor.image_std)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(image_size={self.image_size}, image_mean={self.image_mean}, image_std={self.image_std})"
 
     @property
     def output_shape(self) -> tuple[int, int, int]:
-        return (3, self.image_size, self.image_size)
+        return self.image_processor.output_shape
 
     def __call__(self, images: Sequence[Any]) -> torch.Tensor:
-        from PIL import Image
-
-        size = (self.image_size, self.image_size)
-        arrays = []
-        for image in images:
-            if image.mode != "RGB":
-                image = image.convert("RGB")
-            if image.size != size:
-                image = image.resize(size, Image.BILINEAR)
-            arrays.append(np.asarray(image, dtype=np.uint8))
-        if not arrays:
-            return torch.zeros((0, *self.output_shape), dtype=torch.float32)
-        pixels = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-        mean = torch.tensor(self.image_mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std).view(1, 3, 1, 1)
-        return pixels.sub_(mean).div_(std).contiguous()
+        return self.image_processor.pixels(list(images))
