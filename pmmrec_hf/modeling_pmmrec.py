@@ -430,23 +430,6 @@ class PMMRecPreTrainedModel(PreTrainedModel):
                 names.update(getattr(module, "_no_split_modules", None) or ())
         self._no_split_modules = sorted(names)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """`PreTrainedModel.save_pretrained`, plus the transformers pipelines this component serves, written to the
-        saved config's `custom_pipelines` (the pipeline code, pipelines.py, is copied with the modelling code), so
-        that `pipeline(task, model=folder_or_repo, trust_remote_code=True)` works."""
-        tasks = custom_pipelines_for(self.config.model_type)
-        had = "custom_pipelines" in self.config.__dict__
-        previous = self.config.__dict__.get("custom_pipelines")
-        if tasks:
-            self.config.custom_pipelines = tasks
-        try:
-            return super().save_pretrained(save_directory, *args, **kwargs)
-        finally:
-            if had:
-                self.config.custom_pipelines = previous
-            else:
-                self.config.__dict__.pop("custom_pipelines", None)
-
     @staticmethod
     def _requested_attn_implementation(config) -> str | None:
         """The attention implementation the caller asked for (None: transformers' default choice)."""
@@ -468,10 +451,30 @@ class PMMRecPreTrainedModel(PreTrainedModel):
                             module.config._attn_implementation_internal = checked
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """``PreTrainedModel.save_pretrained``, atomic (``pmmrec_hf.atomic_io.InPlaceWrite``): the files are
-        written to a temporary sibling folder and moved in only when complete; other files in the folder are
-        kept, weight files of an earlier save that this one does not write are removed. An interrupted save
-        leaves the previous version, restored by the next load or save of the folder."""
+        """`PreTrainedModel.save_pretrained`, with two additions:
+
+        - the transformers pipelines this component serves are written to the saved config's `custom_pipelines`
+          (the pipeline code, pipelines.py, is copied with the modelling code), so that
+          `pipeline(task, model=folder_or_repo, trust_remote_code=True)` works;
+        - the save is atomic (``pmmrec_hf.atomic_io.InPlaceWrite``): the files are written to a temporary sibling
+          folder and moved in only when complete; other files in the folder are kept, weight files of an earlier
+          save that this one does not write are removed. An interrupted save leaves the previous version, restored
+          by the next load or save of the folder.
+        """
+        tasks = custom_pipelines_for(self.config.model_type)
+        had = "custom_pipelines" in self.config.__dict__
+        previous = self.config.__dict__.get("custom_pipelines")
+        if tasks:
+            self.config.custom_pipelines = tasks
+        try:
+            return self._save_atomically(save_directory, *args, **kwargs)
+        finally:
+            if had:
+                self.config.custom_pipelines = previous
+            else:
+                self.config.__dict__.pop("custom_pipelines", None)
+
+    def _save_atomically(self, save_directory, *args, **kwargs):
         try:
             from pmmrec_hf.atomic_io import in_place_write, is_weights_file
         except ImportError:  # a remote-code copy of this file: the plain save

@@ -39,7 +39,7 @@ from pmmrec_hf import (
 )
 from pmmrec_hf.data.image_processing import PMMRecImageTransform
 from pmmrec_hf.hub import push_pmmrec_to_hub
-from pmmrec_hf.testing.hub_server import DEFAULT_TOKENS, LocalHubServer, hub_env
+from hub_server import DEFAULT_TOKENS, LocalHubServer, hub_env  # tests/hub_server.py
 from pmmrec_hf.training import save_pmmrec_outputs
 from pmmrec_hf.transfer import apply_lora
 from test_model_card import hub_client_for, python_blocks, tiny_tokenizer

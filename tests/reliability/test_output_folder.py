@@ -57,7 +57,7 @@ def test_a_preset_refuses_its_source_as_output(source, capsys):
 def test_an_output_that_is_a_file_is_refused_naming_it(source, tmp_path, capsys):
     (tmp_path / "out.txt").write_text("x")
     assert _run(source, tmp_path / "out.txt") == 1
-    assert f"--output {tmp_path / 'out.txt'} is a file" in capsys.readouterr().err
+    assert f"output folder (CLI --output) {tmp_path / 'out.txt'} is a file, not a folder" in capsys.readouterr().err
 
 
 def test_a_reimport_replaces_the_old_dataset_as_a_whole_and_keeps_foreign_files(source, tmp_path):
