@@ -22,8 +22,9 @@ The protocol, per target (built-in: H&M, text + photos; Amazon Office, text only
    ``full``, ``item_encoder``, ``user_encoder`` and ``full_lora`` (full + LoRA, only adapters train).
    On a text-only target the pre-trained model is first reduced to its text tower + user encoder.
 3. **The same tuning budget for every trained row**: for every lr of ``--learning-rates`` a run at a constant lr
-   is scored on validation every ``eval_every`` steps (a whole number of epochs, at least ``--min-eval-steps``
-   steps) until ``--patience`` evaluations bring no improvement (or ``--max-epochs``); the (lr, step) point with
+   is scored on validation every ``eval_every`` steps (an epoch; whole epochs of at least ``--min-eval-steps``
+   on a small training set; at most ``--max-eval-steps``) until ``--patience`` evaluations bring no improvement
+   (or ``--max-evaluations``); the (lr, step) point with
    the best validation NDCG@10 is reported on test. A row whose best point is the last one it could reach is
    flagged (``best_at_cap``) and counted in the report: the grid was too short for it.
 4. **Towers**: the top ``--trainable-layers`` blocks of each tower train (``--tower-learning-rate``), the blocks
@@ -98,13 +99,15 @@ SINGLE_SOURCE = {"hm": ("movielens-1m",), "amazon-office": ("amazon-beauty", "am
 SYNTHETIC_SEEDS = {"movielens-100k": 0, "movielens-1m": 3, "hm": 1, "amazon-office": 2, "amazon-beauty": 4,
                    "amazon-games": 5}
 FINETUNE_OBJECTIVE = dict(next_item_weight=1.0, nicl_weight=0.0, nid_weight=0.0, rcl_weight=0.0)
-QUICK = dict(fractions=[0.1, 1.0], seeds=[0], pretrain_steps=300, max_users_per_source=400, learning_rates=[1e-3],
-             patience=1, max_epochs=6, single_source=False, trainable_layers=0)
+QUICK = dict(fractions=[0.1, 1.0], seeds=[0], pretrain_steps=300, max_users_per_source=250, learning_rates=[3e-4],
+             patience=1, max_evaluations=5, max_eval_steps=40, single_source=False, trainable_layers=0)
 FULL = dict(fractions=[0.1, 0.25, 1.0], seeds=[0, 1, 2], pretrain_steps=3000, max_users_per_source=None,
-            learning_rates=[1e-3, 3e-4], patience=3, max_epochs=40, single_source=True, trainable_layers=1)
+            learning_rates=[1e-3, 3e-4, 1e-4], patience=3, max_evaluations=30, max_eval_steps=100, single_source=True,
+            trainable_layers=1)
 # options that define the protocol's results (a resumed run must match them)
 PROTOCOL_KEYS = ("targets", "platforms", "single_source", "single_source_rows", "fractions", "trainable_layers",
-                 "tower_learning_rate", "learning_rates", "patience", "max_epochs", "min_eval_steps", "batch_size",
+                 "tower_learning_rate", "learning_rates", "patience", "max_evaluations", "min_eval_steps",
+                 "max_eval_steps", "batch_size",
                  "hidden_size", "max_text_length", "image_size", "similarity", "temperature", "max_length",
                  "repeated_targets", "max_users", "max_users_per_source", "pretrain_steps", "pretrain_lr",
                  "nid_weight", "rcl_weight", "nicl_weight", "mixture_temperature", "text_model", "vision_model",
@@ -146,9 +149,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--trainable-layers", type=int, default=None, help="top tower blocks that train (paper: 2)")
     parser.add_argument("--patience", type=int, default=None,
                         help="stop a run after this many evaluations without a better validation NDCG@10")
-    parser.add_argument("--max-epochs", type=int, default=None, help="the cap of a run (rows reaching it are flagged)")
+    parser.add_argument("--max-evaluations", type=int, default=None,
+                        help="the cap of a run, in evaluations (rows whose best point is the cap are flagged)")
     parser.add_argument("--min-eval-steps", type=int, default=10,
-                        help="evaluate every whole number of epochs of at least this many steps")
+                        help="a small training set is evaluated every whole number of epochs of at least this many "
+                             "steps")
+    parser.add_argument("--max-eval-steps", type=int, default=None,
+                        help="a large training set is evaluated at least every this many steps (within an epoch)")
     parser.add_argument("--pretrain-steps", type=int, default=None)
     parser.add_argument("--pretrain-lr", type=float, default=1e-3)
     parser.add_argument("--nicl-weight", type=float, default=0.4)
@@ -201,7 +208,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         if not 0 < fraction <= 1:
             parser.error(f"--fractions {fraction}: a fraction lies in (0, 1]")
     args.fractions = sorted(set(args.fractions))
-    for name in ("patience", "max_epochs", "min_eval_steps", "pretrain_steps", "batch_size"):
+    for name in ("patience", "max_evaluations", "min_eval_steps", "max_eval_steps", "pretrain_steps", "batch_size"):
         if getattr(args, name) < 1 and not (name == "pretrain_steps" and getattr(args, name) == 0):
             parser.error(f"--{name.replace('_', '-')} must be a positive integer")
     args.output = args.output or os.path.join(args.work_dir, "results.json")
@@ -568,9 +575,13 @@ def evaluate_splits(model, data, collator, cache, pairs=None) -> tuple[dict, dic
 
 
 def eval_interval(args, num_train_users: int) -> tuple[int, int]:
-    """(steps per epoch, steps between evaluations: whole epochs, at least --min-eval-steps)."""
+    """(steps per epoch, steps between evaluations): an epoch, or whole epochs of at least --min-eval-steps steps
+    for a small training set, or --max-eval-steps for a large one (so that patience acts within the first epochs of
+    a large dataset and a small one is not evaluated every other step)."""
     per_epoch = math.ceil(num_train_users / args.batch_size)
-    return per_epoch, per_epoch * math.ceil(args.min_eval_steps / per_epoch)
+    if per_epoch < args.min_eval_steps:
+        return per_epoch, per_epoch * math.ceil(args.min_eval_steps / per_epoch)
+    return per_epoch, min(per_epoch, max(args.max_eval_steps, args.min_eval_steps))
 
 
 def fit_with_patience(model, train_rows, data, collator, cache, config, pairs, patience: int) -> dict:
@@ -598,7 +609,7 @@ def fit_with_patience(model, train_rows, data, collator, cache, config, pairs, p
     summary = train(model, train_rows, collator, config, eval_rows=data["validation"], save_fn=lambda m, out: None,
                     feature_cache=cache, on_evaluate=on_evaluate)
     return {"points": points, "train_seconds": summary["train_seconds"], "steps": summary["global_step"],
-            "stopped_early": summary["early_stopped"]}
+            "stopped_early": summary["early_stopped"] and summary["global_step"] < config.max_steps}
 
 
 def build_row_model(setting, args, pretrained, text_model, vision_model, num_items, seed):
@@ -631,7 +642,7 @@ def trainable_parameters(model) -> int:
 def train_row(args, setting, model_factory, train_rows, data, collator, cache, pairs, seed, work) -> dict:
     """One trained row: every lr of the grid, the best (lr, step) point on validation."""
     per_epoch, every = eval_interval(args, len(train_rows))
-    max_steps = args.max_epochs * per_epoch
+    max_steps = args.max_evaluations * every
     best, curves, grid_seconds, grid_steps, runs = None, {}, 0.0, 0, []
     for lr in args.learning_rates:
         model = model_factory()
