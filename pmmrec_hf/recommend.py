@@ -44,6 +44,8 @@ from typing import Any
 
 import torch
 
+from .processing_pmmrec import PMMRecProcessor
+
 __all__ = [
     "CATALOGUE_FORMAT",
     "FAISS_KINDS",
@@ -454,6 +456,30 @@ class Recommender:
                 list(images[start:stop]) if images is not None else None,
             )
 
+    def _encodes_raw_items(self) -> bool:
+        """Raw items go through `PMMRecItemEncoder.encode` (the API users call themselves) when the processor is a
+        `PMMRecProcessor`; a custom processor callable goes through `_raw_batches`."""
+        return isinstance(self.processor, PMMRecProcessor) and hasattr(getattr(self.model, "item_encoder", None),
+                                                                       "encode")
+
+    def _encode_raw_items(self, texts, images, count: int, batch_size: int, keep=None) -> torch.Tensor:
+        if texts is None and images is None:
+            raise ValueError("Give `texts`, `images` or both.")
+        for name, values in (("texts", texts), ("images", images)):
+            if values is not None and len(values) != count:
+                raise ValueError(f"{len(values)} {name} for {count} item ids.")
+        pieces = []
+        for number, start in enumerate(range(0, count, batch_size)):
+            if keep is not None and not keep(number):
+                continue
+            stop = start + batch_size
+            pieces.append(self.model.item_encoder.encode(
+                list(texts[start:stop]) if texts is not None else None,
+                list(images[start:stop]) if images is not None else None,
+                processor=self.processor, batch_size=batch_size, convert_to_tensor=True,
+            ))
+        return torch.cat(pieces).clone() if pieces else torch.zeros(0, self.hidden_size)
+
     @staticmethod
     def _sliced(inputs: Mapping[str, Any], count: int, batch_size: int, keep=None):
         for number, start in enumerate(range(0, count, batch_size)):
@@ -486,7 +512,14 @@ class Recommender:
                 raise ValueError("Give raw items either as `item_inputs=(texts, images)` or as `texts=` / `images=`.")
             texts, images = item_inputs
             item_inputs = None
-        if item_inputs is None:
+        if item_inputs is None and self._encodes_raw_items():
+            batches = None  # PMMRecItemEncoder.encode with the checkpoint's processor, batch by batch
+            embeddings = self._encode_raw_items(texts, images, count, batch_size, keep=mine)
+            if world > 1:
+                from .distributed import gather_batches
+
+                embeddings = gather_batches(embeddings.to(accelerator.device), count, batch_size, accelerator).cpu()
+        elif item_inputs is None:
             batches = self._raw_batches(texts, images, count, batch_size, keep=mine)
         elif texts is not None or images is not None:
             raise ValueError("Give either pre-encoded `item_inputs` or raw `texts` / `images`, not both.")

@@ -79,6 +79,9 @@ def test_finetune_with_lora_saves_adapter_and_merged_model(pretrained, tmp_path)
     assert summary["setting"] == "full+lora" and summary["saved"]["adapter"].startswith(f"{tmp_path}/adapter")
     assert (tmp_path / "adapter" / "adapter_config.json").exists()
     assert not (tmp_path / "adapter" / "model.safetensors").exists()
+    adapter_config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(out / "model")  # the --pretrained it adapts
+    assert adapter_config["auto_mapping"]["base_model_class"] == "AutoModel"
     merged = _state(tmp_path / "model")
     assert not any("lora_" in k for k in merged)  # merged back into plain weights
     source = _state(out / "model")

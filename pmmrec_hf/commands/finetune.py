@@ -8,7 +8,7 @@ import logging
 import os
 
 from ..training import TrainingConfig, make_accelerator, popularity_metrics, save_pmmrec_outputs, train
-from ..transfer import TRANSFER_SETTINGS, apply_lora, load_for_transfer
+from ..transfer import TRANSFER_SETTINGS, apply_lora, load_for_transfer, save_lora_adapter
 from ._common import new_parser, show_defaults, print_saved, run_cli, set_option
 from .arguments import (
     add_data_args,
@@ -132,7 +132,9 @@ def main(argv=None) -> dict:
 
     def save(unwrapped, output_dir):
         if args.lora:
-            unwrapped.save_pretrained(f"{output_dir}/adapter")  # adapter weights only
+            # adapter weights only, naming the pre-trained model they adapt (not this machine's path of it when
+            # --pretrained is a Hub id) so that PeftModel / AutoPeftModel users load it as published
+            save_lora_adapter(unwrapped, f"{output_dir}/adapter", args.pretrained)
             saved["adapter"] = f"{output_dir}/adapter"
             unwrapped = unwrapped.merge_and_unload()
         saved.update(save_pmmrec_outputs(unwrapped, output_dir, tokenizer))
