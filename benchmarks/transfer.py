@@ -67,6 +67,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from pmmrec_hf.atomic_io import is_complete  # noqa: E402
 from pmmrec_hf.configuration_pmmrec import PMMRecConfig, PMMRecUserEncoderConfig  # noqa: E402
 from pmmrec_hf.data.collator import PMMRecCollator  # noqa: E402
 from pmmrec_hf.feature_cache import FeatureCache  # noqa: E402
@@ -271,7 +272,7 @@ def prepare_data(args) -> dict[str, str]:
         max_users = args.max_users if name in args.targets else (args.max_users_per_source or args.max_users)
         out = Path(args.work_dir) / "data" / f"{name}-{kind}-L{args.max_length}-u{max_users or 'all'}"
         folders[name] = str(out)
-        if (out / "done").is_file():
+        if is_complete(out):  # prepared before, completely (the importer writes atomically, marker last)
             continue
         start = time.perf_counter()
         if args.synthetic:
@@ -284,8 +285,7 @@ def prepare_data(args) -> dict[str, str]:
             from pmmrec_hf.data.presets import prepare_preset
 
             prepare_preset(preset, Path(args.data_root) / source_dir, out, max_users=max_users,
-                           max_length=args.max_length, progress=False, verbose=False, **options)
-        (out / "done").write_text("ok")
+                           max_length=args.max_length, progress=False, verbose=False, overwrite=True, **options)
         logger.info("prepared %s in %.1fs -> %s", name, time.perf_counter() - start, out)
     for name, spec in args.targets.items():
         if spec["folder"] is not None:
