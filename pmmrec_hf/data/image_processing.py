@@ -13,7 +13,6 @@ processor outputs.
 from __future__ import annotations
 
 import io
-import math
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -29,21 +28,13 @@ __all__ = [
     "load_image",
 ]
 
-DEFAULT_IMAGE_MEAN = (0.5, 0.5, 0.5)
-DEFAULT_IMAGE_STD = (0.5, 0.5, 0.5)
+from ..processing_pmmrec import DEFAULT_IMAGE_MEAN, DEFAULT_IMAGE_STD  # noqa: E402  (one definition)
+from ..processing_pmmrec import _is_missing  # noqa: E402
 
 
 def is_missing_image(value: Any) -> bool:
     """True when an image value of the item table means "no image" (None, NaN, an empty {bytes, path})."""
-    if value is None:
-        return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    if isinstance(value, Mapping):
-        return value.get("bytes") is None and not value.get("path")
-    if isinstance(value, (bytes, bytearray, memoryview, str)):
-        return len(value) == 0
-    return False
+    return _is_missing(value)
 
 
 def load_image(value: Any):
