@@ -67,7 +67,8 @@ def _check_activation(name: str, value: Any) -> None:
 # keys a saved config.json (or transformers' loading) carries besides the config's own fields
 _SAVED_KEYS = frozenset({"architectures", "auto_map", "model_type", "transformers_version", "dtype", "torch_dtype",
                          "attn_implementation", "experts_implementation", "name_or_path", "num_labels", "use_cache",
-                         "per_layer_config", "rope_scaling", "rope_theta", "base_model_tp_plan", "base_model_pp_plan"})
+                         "per_layer_config", "rope_scaling", "rope_theta", "base_model_tp_plan", "base_model_pp_plan",
+                         "custom_pipelines"})  # custom_pipelines: the transformers pipelines a checkpoint serves
 
 
 @functools.lru_cache(maxsize=None)
