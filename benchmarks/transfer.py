@@ -898,8 +898,9 @@ def markdown_table(rows: list[dict], repeated_targets: str | None = "rank") -> s
               + " | co-occ. AUC | train s | s/step | chosen lr/step |")
     lines = [f"Repeated targets: {repeated_targets}: {policy[repeated_targets or 'rank']}.", "", header,
              "|" + "---|" * (len(METRICS) + 9)]
-    for key in sorted(_groups(rows), key=_order):
-        group = _groups(rows)[key]
+    groups = _groups(rows)
+    for key in sorted(groups, key=_order):
+        group = groups[key]
         dataset, fraction, source, setting = key
         cells = [_mean_std([r["test"][m] for r in group]) for m in METRICS]
         aucs = [r["co_occurrence_auc"] for r in group if r.get("co_occurrence_auc") is not None]

@@ -344,6 +344,22 @@ def _refine_near(
     return rows[keep], cols[keep]
 
 
+def _refine_near_dense(
+    u: torch.Tensor, chunk: torch.Tensor, near: torch.Tensor, t_exact: torch.Tensor, user_norm64: torch.Tensor,
+    chunk_norm64: torch.Tensor, factor64: float, count: torch.Tensor, tie: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`_refine_near` for a chunk where most (user, item) pairs are near-ties: `near` (Ub, C) bool. Exact
+    ties (`tie`: the target's own row, or a zero user) count as higher-or-equal; the other near pairs are settled by a
+    float64 matmul with the same bound; returns the mask of the pairs it cannot settle (for the exact path)."""
+    count += (near & tie).sum(dim=1)
+    near &= ~tie
+    diff = u.to(torch.float64) @ chunk.to(torch.float64).T
+    diff -= t_exact[:, None]
+    band = (factor64 * user_norm64)[:, None] * chunk_norm64[None, :] + 1e-300
+    count += (near & (diff > band)).sum(dim=1)
+    return near & (diff.abs_() <= band)
+
+
 REPEATED_TARGETS = ("rank", "miss")
 
 
@@ -457,6 +473,12 @@ def target_ranks(
                 count += (diff > band).sum(dim=1)  # certainly higher than the target
                 near = diff.abs_() <= band  # (-inf -> +inf: never near)
                 del diff
+                if refine and int(near.sum()) * 8 > near.numel():
+                    # most of the chunk is a near-tie (near-equal rows): settle it densely, one float64 matmul and
+                    # whole-matrix comparisons, instead of gathering every pair (same decisions as _refine_near)
+                    near = _refine_near_dense(u, chunk, near, t_exact, user_norm64[u0 : u0 + step],
+                                              item_norm64[s:e], factor64, count,
+                                              (row_id[s:e][None, :] == t_row_id[:, None]) | zero_user[:, None])
                 rows, cols = near.nonzero(as_tuple=True)
                 del near
                 if rows.numel():
