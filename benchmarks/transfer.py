@@ -17,7 +17,9 @@ The protocol, per target (built-in: H&M, text + photos; Amazon Office, text only
    Amazon Beauty + Games for Amazon Office: "Amazon only"; MovieLens-1M for H&M), reported as rows of its own.
 2. **Rows** at every target training fraction (``--fractions``; seeded, nested subsets of the target's training
    users; validation and test always on every user) and seed: ``most_popular`` (counts of the subset),
-   ``sasrec`` (item IDs, target only), ``scratch`` (PMMRec from the original backbones), ``zero_shot`` (the
+   ``sasrec`` (item IDs, target only), ``untrained`` (what ``scratch`` starts from, not trained: the frozen
+   backbones' features through randomly initialised projections and user encoder, a content-similarity
+   recommender), ``scratch`` (PMMRec from the original backbones), ``zero_shot`` (the
    pre-trained model as is: catalogue from its item encoder, no target training), the transfer settings
    ``full``, ``item_encoder``, ``user_encoder`` and ``full_lora`` (full + LoRA, only adapters train).
    On a text-only target the pre-trained model is first reduced to its text tower + user encoder.
@@ -79,7 +81,8 @@ logger = logging.getLogger("transfer_benchmark")
 
 TRAINED = ("sasrec", "scratch", "full", "item_encoder", "user_encoder", "full_lora")
 TRANSFERRED = ("zero_shot", "full", "item_encoder", "user_encoder", "full_lora")
-SETTINGS = ("most_popular", "sasrec", "scratch", "zero_shot", "full", "item_encoder", "user_encoder", "full_lora")
+SETTINGS = ("most_popular", "sasrec", "untrained", "scratch", "zero_shot", "full", "item_encoder", "user_encoder",
+            "full_lora")
 SETTINGS_NEED_PRETRAINING = set(TRANSFERRED)
 KS = (10, 20, 50)
 METRICS = tuple(f"{m}@{k}" for k in KS for m in ("hr", "ndcg"))
@@ -827,6 +830,17 @@ def run_target(args, target, platforms: Platforms, cache, text_model, vision_mod
                              "seed": None, "test": {k: test[k] for k in METRICS},
                              "validation": {k: val[k] for k in METRICS}, "co_occurrence_auc": auc,
                              "train_seconds": 0.0, "pretraining_seconds": record["seconds"]})
+    for seed in args.seeds if "untrained" in args.settings else ():
+        # what `scratch` starts from: the original backbones' frozen features through a randomly initialised
+        # projection / fusion / user encoder, no training (a content-similarity recommender)
+        if not results.has(dataset=target, source=None, setting="untrained", fraction=None, seed=seed):
+            model = new_pmmrec(args, text_model, vision_model, "multimodal", FINETUNE_OBJECTIVE, seed)
+            model.eval()
+            val, test, auc = evaluate_splits(model, data, ids_collator, view, pairs)
+            results.add({"dataset": target, "source": None, "setting": "untrained", "fraction": None, "seed": seed,
+                         "test": {k: test[k] for k in METRICS}, "validation": {k: val[k] for k in METRICS},
+                         "co_occurrence_auc": auc, "train_seconds": 0.0})
+            del model
     for fraction in args.fractions:
         for seed in args.seeds:
             train_rows = subset_users(data["train"], fraction, seed=seed)
@@ -933,7 +947,7 @@ def plot(rows: list[dict], path: str, title: str = "") -> str | None:
     groups = _groups(rows)
     datasets = sorted({key[0] for key in groups}, key=lambda d: (TARGETS.index(d) if d in TARGETS else 99, d))
     fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 5), squeeze=False)
-    colours = {"most_popular": "#999999", "sasrec": "#d62728", "scratch": "#ff7f0e", "zero_shot": "#8c564b",
+    colours = {"most_popular": "#999999", "sasrec": "#d62728", "untrained": "#bcbd22", "scratch": "#ff7f0e", "zero_shot": "#8c564b",
                "full": "#1f77b4", "item_encoder": "#2ca02c", "user_encoder": "#9467bd", "full_lora": "#17becf"}
     for column, dataset in enumerate(datasets):
         ax = axes[0][column]

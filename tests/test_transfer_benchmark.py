@@ -43,6 +43,7 @@ def test_every_row_of_the_protocol_is_reported(protocol_run):
     expected = set()
     for target in bench.TARGETS:
         expected.add((target, "others", "zero_shot", None))
+        expected.add((target, None, "untrained", None))
         for fraction in (0.5, 1.0):
             expected |= {(target, None, s, fraction) for s in ("most_popular", "sasrec", "scratch")}
             expected |= {(target, "others", s, fraction) for s in ("full", "item_encoder", "user_encoder",
@@ -61,6 +62,15 @@ def test_every_row_of_the_protocol_is_reported(protocol_run):
     assert result["plot"] is not None and Path(result["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| hm | 0.5 | full | movielens-1m | 1 |" in result["table"]
     assert "| amazon-office | - | zero_shot | all others | - |" in result["table"]
+    assert "| hm | - | untrained | - | 1 |" in result["table"]
+    # the untrained row is exactly what scratch starts from: its step-0 evaluation, on validation and on test
+    for target in bench.TARGETS:
+        untrained = next(r for r in saved["rows"] if r["dataset"] == target and r["setting"] == "untrained")
+        scratch = next(r for r in saved["rows"] if r["dataset"] == target and r["setting"] == "scratch")
+        step0 = [curve[0] for curve in scratch["curves"].values()]
+        assert all(point[0] == 0 for point in step0)
+        assert {(point[1], point[2]) for point in step0} == {(untrained["validation"]["ndcg@10"],
+                                                             untrained["test"]["ndcg@10"])}
 
 
 @pytest.mark.slow
