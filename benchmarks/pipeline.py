@@ -152,7 +152,8 @@ def run_eval(args, spec, device) -> dict:
         out["faiss"] = "skipped: faiss is not installed (pip install faiss-cpu)"
         return out
     matrix = items.float().cpu().contiguous().numpy()
-    queries = users.float().cpu().contiguous().numpy()
+    faiss_users = min(args.faiss_users or args.eval_users, args.eval_users)
+    queries = users[:faiss_users].float().cpu().contiguous().numpy()
     bench._free(device)
     t0 = time.perf_counter()
     index = faiss.IndexFlatIP(d)
@@ -162,12 +163,13 @@ def run_eval(args, spec, device) -> dict:
     _, top = index.search(queries, args.faiss_k)
     search_s = time.perf_counter() - t0
     exact_top = torch.topk(torch.from_numpy(queries) @ torch.from_numpy(matrix).T, args.faiss_k).indices.numpy() \
-        if args.eval_users * args.eval_items <= 2e8 else None
+        if faiss_users * args.eval_items <= 2e8 else None
     agree = None if exact_top is None else float(np.mean([len(set(a) & set(b)) / args.faiss_k
                                                            for a, b in zip(top, exact_top)]))
     out["faiss"] = {"method": f"faiss.IndexFlatIP top-{args.faiss_k} on the CPU (faiss {faiss.__version__}; the "
                     "export of Recommender.to_faiss_index('flat_ip'); no history masking)",
-                    "build_s": build_s, "seconds": search_s, "users_per_s": args.eval_users / search_s,
+                    "users": faiss_users, "build_s": build_s, "seconds": search_s,
+                    "users_per_s": faiss_users / search_s,
                     "peak_memory_gib": _peak(torch.device("cpu")), "top_k_agreement_with_matmul": agree}
     return out
 
@@ -193,6 +195,7 @@ def build_parser():
     p.add_argument("--eval-items", type=int, default=100_000)
     p.add_argument("--eval-bf16", action="store_true", help="bf16 embeddings for the exact ranking")
     p.add_argument("--faiss-k", type=int, default=10)
+    p.add_argument("--faiss-users", type=int, default=None, help="users searched through FAISS (default: all)")
     p.add_argument("--num-threads", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default=None)

@@ -703,6 +703,9 @@ def run_config(name: str, switches: set, data: ModeData, catalogue: Catalogue, t
             stats = torch._dynamo.utils.counters["stats"]
             result["compiled_graphs"] = int(stats.get("unique_graphs", 0))
             result["compile_calls"] = int(stats.get("calls_captured", 0))
+        if device.type == "cuda" and static:
+            result["host_syncs_in_step"] = count_cuda_syncs(lambda: train_step(model, optimizer, batch_of(warmup),
+                                                                            cache, bf16, device, feature_dtype))
         if args.profile_configs and name in args.profile_configs.split(","):
             result["profile_file"] = write_profile(model, optimizer, [batch_of(s) for s in range(warmup, warmup + 3)],
                                                    cache, bf16, device, feature_dtype, args, data.mode, name)
@@ -721,6 +724,22 @@ def run_config(name: str, switches: set, data: ModeData, catalogue: Catalogue, t
             torch._dynamo.reset()
         _free(device)
     return result
+
+
+def count_cuda_syncs(step) -> int:
+    """Device-to-host synchronisations during one call of `step` (CUDA only), counted through
+    torch.cuda.set_sync_debug_mode("warn"): one warning per synchronising call (.item(), nonzero, ...)."""
+    import warnings
+
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
 
 
 def write_profile(model, optimizer, batches, cache, bf16, device, feature_dtype, args, mode, name) -> str:
