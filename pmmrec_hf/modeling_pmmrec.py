@@ -1007,8 +1007,10 @@ class PMMRecItemEncoder(PMMRecPreTrainedModel):
         config = self.config
         text_emb = vision_emb = fused = None
         if token_packing is not None:
-            from pmmrec_hf.packing import packed_item_forward
-
+            try:  # package-only (not a remote-code requirement: imports inside `try` are not checked)
+                from pmmrec_hf.packing import packed_item_forward
+            except ImportError as error:
+                raise ImportError("token_packing needs the pmmrec_hf package (pip install pmmrec_hf).") from error
             item_emb, text_emb, vision_emb = packed_item_forward(
                 self, token_packing, input_ids=input_ids, attention_mask=attention_mask, text_features=text_features,
                 pixel_values=pixel_values, vision_features=vision_features, image_mask=image_mask,
