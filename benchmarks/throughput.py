@@ -488,7 +488,8 @@ def make_optimizer(model: torch.nn.Module, fused: bool, device: torch.device, lr
     return torch.optim.AdamW(groups, lr=lr, **kwargs)
 
 
-def apply_compile(model: PMMRecModel, backend: str = "inductor", dynamic: bool | None = None) -> list[str]:
+def apply_compile(model: PMMRecModel, backend: str = "inductor", dynamic: bool | None = None,
+                  mode: str | None = None) -> list[str]:
     """torch.compile the trainable layers' forwards: the fusion layers, the user-encoder layers, and the
     towers' trainable top blocks (each block's forward, so the towers' hooks stay outside the graphs)."""
     for name in ("recompile_limit", "cache_size_limit"):
@@ -507,7 +508,7 @@ def apply_compile(model: PMMRecModel, backend: str = "inductor", dynamic: bool |
         _, _, blocks = find_blocks(tower.backbone)
         targets += [(f"{kind}_top_block", block) for block in list(blocks)[tower.first_trainable :]]
     for kind, module in targets:
-        module.forward = torch.compile(module.forward, backend=backend, dynamic=dynamic)
+        module.forward = torch.compile(module.forward, backend=backend, dynamic=dynamic, mode=mode)
         compiled.append(kind)
     return compiled
 
@@ -633,7 +634,8 @@ def run_config(name: str, switches: set, data: ModeData, catalogue: Catalogue, t
             if "static" in switches:  # bucketed shapes: one compilation per bucket
                 dynamic = False
             torch._dynamo.utils.counters.clear()
-            result["compiled"] = sorted(set(apply_compile(model, args.compile_backend, dynamic)))
+            result["compiled"] = sorted(set(apply_compile(model, args.compile_backend, dynamic, args.compile_mode)))
+            result["compile_mode"] = args.compile_mode or "default"
         if cached:
             cache_dtype = args.cache_dtype or ("bfloat16" if bf16 else "float32")
             _sync(device)
@@ -854,6 +856,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune",
+                                                                  "max-autotune-no-cudagraphs"),
+                        help="torch.compile mode (reduce-overhead: CUDA graphs, with static shapes)")
     parser.add_argument("--all-switches", default=None, help="force the switches of `all` (comma-separated)")
     parser.add_argument("--cache-dtype", default=None, help="cache storage dtype (default: bfloat16 with bf16, "
                         "else float32)")
