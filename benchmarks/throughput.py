@@ -15,11 +15,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import csv
 import gc
 import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -38,11 +40,12 @@ from transformers import CLIPVisionConfig, XLMRobertaConfig  # noqa: E402
 
 from pmmrec_hf import PMMRecConfig, PMMRecItemEncoderConfig, PMMRecModel, PMMRecUserEncoderConfig  # noqa: E402
 from pmmrec_hf.feature_cache import FeatureCache  # noqa: E402
+from pmmrec_hf.packing import TokenPacking, bucket_size, geometric_buckets  # noqa: E402
 
-SWITCHES = ("dedup", "bf16", "sdpa", "fused_adamw", "compile", "cache")
+SWITCHES = ("dedup", "bf16", "sdpa", "fused_adamw", "compile", "cache", "packed", "static")
 CONFIGS = ("baseline",) + SWITCHES + ("all",)
 MODES = ("full-length", "realistic")
-DEFAULT_ALL = ("dedup", "bf16", "sdpa", "fused_adamw", "cache")  # when no single-switch result decides
+DEFAULT_ALL = ("dedup", "bf16", "sdpa", "fused_adamw", "cache", "packed")  # when no single-switch result decides
 DEFAULT_DATA_DIR = "../shared/data/movielens-100k/ml-100k"  # relative to the repository root
 # research code, performance.md: sequences/s at batch 64, eager attention, fp16 autocast (2026-11-26)
 REFERENCE_SEQ_PER_S = {"H200": 287.6, "H100": 250.9}
@@ -52,6 +55,11 @@ PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0}  # dense bf16; 989 taken for b
 # the same number of distinct items per 64-user batch as the real data (~640 of ~1330 real slots)
 ML100K_TRAIN_LENGTHS = {18: 32, 19: 24, 20: 23, 21: 864}
 ML100K_NUM_ITEMS, ML100K_ZIPF = 1682, 0.82
+# built-in title token lengths (used when tmdb_items.csv is absent): histogram of `approx_title_tokens` over the
+# 1746 titles of ../shared/data/movielens-100k/tmdb_items.csv (mean 9.1 tokens), measured 2026-12-02
+ML100K_TITLE_TOKENS = {4: 1, 6: 131, 7: 372, 8: 335, 9: 333, 10: 201, 11: 117, 12: 98, 13: 50, 14: 30, 15: 26,
+                       16: 9, 17: 21, 18: 8, 19: 2, 20: 2, 21: 5, 23: 3, 24: 1, 26: 1}
+TITLES_FILE = "tmdb_items.csv"  # next to ml-100k/ (the parent of --data-dir)
 GIB = 1024**3
 
 
@@ -216,7 +224,10 @@ class Catalogue:
     device: torch.device
     log_q: torch.Tensor  # (I,) log popularity (on CPU)
     seed: int = 0
+    text_lengths: torch.Tensor | None = None  # (I,) real tokens per title (None: every title T tokens)
     tokens: torch.Tensor = field(init=False)
+    mask: torch.Tensor = field(init=False)
+    lengths: torch.Tensor = field(init=False)  # (I + 1,) on CPU, the padding item's included
     images: torch.Tensor = field(init=False)
 
     def __post_init__(self):
@@ -224,8 +235,18 @@ class Catalogue:
         rows, T, size = self.num_items + 1, self.spec.text_tokens, self.spec.image_size
         vocab = self.spec.text.get("vocab_size", 250002)
         tokens = torch.randint(5, vocab, (rows, T), generator=g)
-        tokens[:, 0], tokens[:, -1] = 0, 2  # <s> ... </s>: every title uses all 50 tokens (the protocol)
+        if self.text_lengths is None:
+            lengths = torch.full((rows,), T, dtype=torch.long)  # every title uses all 50 tokens (the protocol)
+        else:  # real title lengths; the padding item gets 2 tokens (<s> </s>)
+            lengths = torch.cat([torch.as_tensor(self.text_lengths, dtype=torch.long).clamp(2, T), torch.tensor([2])])
+        position = torch.arange(T)[None]
+        mask = position < lengths[:, None]  # (rows, T) real tokens first, right-padded
+        tokens = torch.where(mask, tokens, torch.ones_like(tokens))  # pad id 1 (XLM-R)
+        tokens[:, 0] = 0  # <s>
+        tokens[torch.arange(rows), lengths - 1] = 2  # </s>
+        self.lengths = lengths
         self.tokens = tokens.to(self.device)
+        self.mask = mask.long().to(self.device)
         self.images = torch.randint(0, 256, (rows, 3, size, size), generator=g, dtype=torch.uint8).to(self.device)
 
     @property
@@ -235,8 +256,7 @@ class Catalogue:
     def raw_inputs(self, rows: torch.Tensor) -> dict:
         rows = rows.to(self.device)
         pixels = self.images[rows].float().div_(255.0).sub_(0.5).div_(0.5)  # mean = std = 0.5
-        input_ids = self.tokens[rows]
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "pixel_values": pixels}
+        return {"input_ids": self.tokens[rows], "attention_mask": self.mask[rows], "pixel_values": pixels}
 
     def chunks(self, batch_size: int):
         for start in range(0, self.num_items + 1, batch_size):
@@ -251,6 +271,8 @@ class ModeData:
     log_q: torch.Tensor  # (I,)
     source: str
     sequences: list  # per step: list of B lists of item ids (each <= L + 1 long)
+    text_lengths: np.ndarray | None = None  # (I,) title token lengths (None: every title padded-length)
+    text_source: str = "every title T tokens (the protocol's padded length)"
 
     def stats(self, slots: int) -> dict:
         real = [sum(len(s) for s in step) for step in self.sequences]
@@ -265,6 +287,8 @@ class ModeData:
             "mean_distinct_items_per_step": statistics.fmean(distinct),
             "padding_fraction": 1 - statistics.fmean(real) / (users * slots),
             "repeat_fraction": 1 - statistics.fmean(distinct) / statistics.fmean(real),
+            "text_tokens_source": self.text_source,
+            "mean_title_tokens": (float(np.mean(self.text_lengths)) if self.text_lengths is not None else None),
         }
 
 
@@ -273,7 +297,21 @@ def _log_q(counts: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.log(q)).float()
 
 
-def read_movielens(data_dir: Path, max_length: int) -> tuple[list[list[int]], int] | None:
+def approx_title_tokens(title: str) -> int:
+    """Approximate XLM-R token count of a title, <s> and </s> included (no tokenizer is downloaded): one token
+    per punctuation mark, ceil(len / 6) per word ("Toy Story (1995)": 7, XLM-R's own count is 7)."""
+    return 2 + sum(math.ceil(len(piece) / 6) for piece in re.findall(r"\w+|[^\w\s]", title))
+
+
+def read_title_lengths(path: Path) -> dict[str, int] | None:
+    """movie id -> approximate title token count, from tmdb_items.csv (columns movie_id, title)."""
+    if not path.is_file():
+        return None
+    with open(path, newline="", encoding="utf-8") as handle:
+        return {row["movie_id"]: approx_title_tokens(row["title"]) for row in csv.DictReader(handle)}
+
+
+def read_movielens(data_dir: Path, max_length: int, return_names: bool = False):
     """Leave-one-out train rows of MovieLens-100K (u.data): per user, the last L + 3 items minus the last 2."""
     path = data_dir / "u.data"
     if not path.is_file():
@@ -294,6 +332,8 @@ def read_movielens(data_dir: Path, max_length: int) -> tuple[list[list[int]], in
         rows.append(seq)
     names = sorted({i for s in rows for i in s})
     index = {name: k for k, name in enumerate(names)}
+    if return_names:
+        return [[index[i] for i in s] for s in rows], len(names), names
     return [[index[i] for i in s] for s in rows], len(names)
 
 
@@ -311,9 +351,10 @@ def make_mode_data(mode: str, spec: SizeSpec, batch_size: int, num_steps: int, d
         return ModeData(mode, num_items, _log_q(np.zeros(num_items)), source, steps)
     if mode != "realistic":
         raise ValueError(f"unknown mode {mode!r}")
-    real = read_movielens(data_dir, spec.max_length) if data_dir is not None else None
+    real = read_movielens(data_dir, spec.max_length, return_names=True) if data_dir is not None else None
+    names = None
     if real is not None:
-        rows, num_items = real
+        rows, num_items, names = real
         lengths = np.array([len(s) for s in rows])
         counts = np.bincount(np.concatenate([np.array(s) for s in rows]), minlength=num_items).astype(float)
         source = (f"MovieLens-100K u.data ({data_dir}): {len(rows)} users' leave-one-out train rows cut to "
@@ -327,16 +368,39 @@ def make_mode_data(mode: str, spec: SizeSpec, batch_size: int, num_steps: int, d
         source = (f"built-in approximation of MovieLens-100K (u.data not found under {data_dir}): train-row length "
                   f"histogram {ML100K_TRAIN_LENGTHS}, Zipf({ML100K_ZIPF}) popularity over {num_items} items")
     p = counts / counts.sum()
+    titles = read_title_lengths(data_dir.parent / TITLES_FILE) if data_dir is not None else None
+    hist_lengths = np.repeat(list(ML100K_TITLE_TOKENS), list(ML100K_TITLE_TOKENS.values()))
+    if titles is not None and names is not None:
+        fallback = int(np.median(list(titles.values())))
+        text_lengths = np.array([titles.get(name, fallback) for name in names])
+        text_source = (f"title token lengths of {data_dir.parent / TITLES_FILE} (approx_title_tokens, "
+                       f"{sum(n in titles for n in names)} of {len(names)} items found)")
+    else:
+        text_lengths = np.random.default_rng(seed + 1).choice(hist_lengths, size=num_items)
+        text_source = (f"built-in title token-length histogram ({TITLES_FILE} not found under {data_dir.parent} "
+                       "or u.data absent): ML100K_TITLE_TOKENS")
+    text_lengths = np.minimum(text_lengths, spec.text_tokens)
     steps = []
     for _ in range(num_steps):
         users = []
         for length in rng.choice(lengths, size=batch_size):
             users.append(rng.choice(num_items, size=int(min(length, slots)), replace=False, p=p).tolist())
         steps.append(users)
-    return ModeData(mode, num_items, _log_q(counts), source, steps)
+    return ModeData(mode, num_items, _log_q(counts), source, steps, text_lengths, text_source)
 
 
-def make_batch(sequences: list, catalogue: Catalogue, slots: int, dedup: bool, raw: bool) -> dict:
+def item_buckets(max_items: int) -> tuple[int, ...]:
+    """Sizes the number of a step's distinct items is padded to with `static` (4 per doubling, from 16)."""
+    return geometric_buckets(min(16, max_items), max_items, per_doubling=4, multiple=8)
+
+
+def token_buckets(max_tokens: int) -> tuple[int, ...]:
+    """Sizes a step's packed text token count is padded to with `static` (4 per doubling, from 64)."""
+    return geometric_buckets(min(64, max_tokens), max_tokens, per_doubling=4, multiple=64)
+
+
+def make_batch(sequences: list, catalogue: Catalogue, slots: int, dedup: bool, raw: bool, packed: bool = False,
+               static: bool = False) -> dict:
     """The model batch of docs/formats.md for B sequences (left-padded to `slots`).
 
     dedup=True: the distinct items once, no padding encoded. dedup=False (the research code's layout): every
@@ -344,6 +408,10 @@ def make_batch(sequences: list, catalogue: Catalogue, slots: int, dedup: bool, r
     item and come last, their model id repeating the first row's, so the losses mask them like the research
     code masks padding candidates).
     `cache_ids` are the rows' catalogue rows (the feature cache's keys); `raw` adds the raw inputs.
+    packed=True adds the `token_packing` plan (host-computed from the catalogue's title lengths) and, with raw
+    inputs, cuts the text to the batch's longest title (rounded up to a multiple of 8); static=True pads the
+    number of distinct items to `item_buckets` (padding rows: the padding item, the first row's id, held by no
+    user, so both losses mask them: the same losses) and the packed token count to `token_buckets`.
     """
     batch_size = len(sequences)
     index = torch.full((batch_size, slots), -1, dtype=torch.long)
@@ -357,6 +425,10 @@ def make_batch(sequences: list, catalogue: Catalogue, slots: int, dedup: bool, r
                 index[b, slots - len(seq):] = torch.tensor([order[i] for i in seq])
         rows = torch.tensor(list(order), dtype=torch.long)
         item_ids = rows.clone()
+        if static:
+            extra = bucket_size(len(order), item_buckets(batch_size * slots)) - len(order)
+            rows = torch.cat([rows, torch.full((extra,), catalogue.pad_row, dtype=torch.long)])
+            item_ids = torch.cat([item_ids, item_ids[:1].expand(extra)])
     else:
         # real slots first (row order is free), then one row per padding slot
         rows = torch.full((batch_size * slots,), catalogue.pad_row, dtype=torch.long)
@@ -379,6 +451,19 @@ def make_batch(sequences: list, catalogue: Catalogue, slots: int, dedup: bool, r
     batch = {k: v.to(catalogue.device) for k, v in batch.items()}
     if raw:
         batch.update(catalogue.raw_inputs(rows))
+    if packed:
+        lengths = catalogue.lengths[rows]  # (N,) on the host: no device sync
+        width = catalogue.spec.text_tokens
+        if raw:  # the frozen part runs on the batch's longest title only
+            width = min(width, int(math.ceil(int(lengths.max()) / 8) * 8))
+            batch["input_ids"] = batch["input_ids"][:, :width]
+            batch["attention_mask"] = batch["attention_mask"][:, :width]
+        vision_tokens = (catalogue.spec.image_size // catalogue.spec.vision["patch_size"]) ** 2 + 1
+        buckets = token_buckets(batch_size * slots * catalogue.spec.text_tokens) if static else None
+        batch["token_packing"] = TokenPacking.build(lengths, width, vision_tokens, token_buckets=buckets).to(
+            catalogue.device)
+    if static:
+        batch["sync_free"] = True
     return batch
 
 
@@ -403,7 +488,8 @@ def make_optimizer(model: torch.nn.Module, fused: bool, device: torch.device, lr
     return torch.optim.AdamW(groups, lr=lr, **kwargs)
 
 
-def apply_compile(model: PMMRecModel, backend: str = "inductor", dynamic: bool | None = None) -> list[str]:
+def apply_compile(model: PMMRecModel, backend: str = "inductor", dynamic: bool | None = None,
+                  mode: str | None = None) -> list[str]:
     """torch.compile the trainable layers' forwards: the fusion layers, the user-encoder layers, and the
     towers' trainable top blocks (each block's forward, so the towers' hooks stay outside the graphs)."""
     for name in ("recompile_limit", "cache_size_limit"):
@@ -422,7 +508,7 @@ def apply_compile(model: PMMRecModel, backend: str = "inductor", dynamic: bool |
         _, _, blocks = find_blocks(tower.backbone)
         targets += [(f"{kind}_top_block", block) for block in list(blocks)[tower.first_trainable :]]
     for kind, module in targets:
-        module.forward = torch.compile(module.forward, backend=backend, dynamic=dynamic)
+        module.forward = torch.compile(module.forward, backend=backend, dynamic=dynamic, mode=mode)
         compiled.append(kind)
     return compiled
 
@@ -437,7 +523,7 @@ _MODEL_KEYS = ("item_ids", "item_index", "item_log_popularity", "input_ids", "at
 
 
 def model_inputs(batch: dict, cache: FeatureCache | None, device: torch.device, feature_dtype=torch.float32) -> dict:
-    inputs = {k: batch[k] for k in _MODEL_KEYS if k in batch}
+    inputs = {k: batch[k] for k in _MODEL_KEYS + ("token_packing", "sync_free") if k in batch}
     if cache is not None:
         for key in ("input_ids", "attention_mask", "pixel_values"):
             inputs.pop(key, None)
@@ -544,8 +630,12 @@ def run_config(name: str, switches: set, data: ModeData, catalogue: Catalogue, t
         optimizer = make_optimizer(model, "fused_adamw" in switches, device)
         if "compile" in switches:
             # the number of items per step varies only with deduplication on realistic data
-            dynamic = True if (dedup and data.mode == "realistic") else None
-            result["compiled"] = sorted(set(apply_compile(model, args.compile_backend, dynamic)))
+            dynamic = True if ((dedup and data.mode == "realistic") or "packed" in switches) else None
+            if "static" in switches:  # bucketed shapes: one compilation per bucket
+                dynamic = False
+            torch._dynamo.utils.counters.clear()
+            result["compiled"] = sorted(set(apply_compile(model, args.compile_backend, dynamic, args.compile_mode)))
+            result["compile_mode"] = args.compile_mode or "default"
         if cached:
             cache_dtype = args.cache_dtype or ("bfloat16" if bf16 else "float32")
             _sync(device)
@@ -559,19 +649,24 @@ def run_config(name: str, switches: set, data: ModeData, catalogue: Catalogue, t
         result["setup_s"] = time.perf_counter() - started
         warmup = max(args.warmup, 3) if "compile" in switches else args.warmup
         total = warmup + args.steps
-        times, items, losses = [], [], []
+        times, items, losses, text_tokens = [], [], [], []
         warmup_started = time.perf_counter()
-        if dedup and data.mode == "realistic":
+        packed, static = "packed" in switches, "static" in switches
+
+        def batch_of(step):
+            return make_batch(data.sequences[step % len(data.sequences)], catalogue, slots, dedup, raw=not cached,
+                              packed=packed, static=static)
+
+        if (dedup and data.mode == "realistic") or packed:
             # the number of distinct items changes every step, and the first step of each new shape pays for
             # kernel selection (cuBLAS heuristics, allocator growth): run the timed batches once untimed, so
             # the figure is the steady state a long training run sees, whatever ran before in this process
             for step in range(warmup, total):
-                batch = make_batch(data.sequences[step % len(data.sequences)], catalogue, slots, dedup,
-                                   raw=not cached)
+                batch = batch_of(step)
                 train_step(model, optimizer, batch, cache, bf16, device, feature_dtype)
             result["shape_warmup"] = True
         for step in range(total):
-            batch = make_batch(data.sequences[step % len(data.sequences)], catalogue, slots, dedup, raw=not cached)
+            batch = batch_of(step)
             _sync(device)
             t0 = time.perf_counter()
             loss = train_step(model, optimizer, batch, cache, bf16, device, feature_dtype)
@@ -583,6 +678,8 @@ def run_config(name: str, switches: set, data: ModeData, catalogue: Catalogue, t
                 times.append(elapsed)
                 items.append(batch["item_ids"].numel())
                 losses.append(float(loss))
+                if "token_packing" in batch:
+                    text_tokens.append(batch["token_packing"].packed_text_tokens)
             batch = None
         median = statistics.median(times)
         mean_items = statistics.fmean(items)
@@ -602,6 +699,18 @@ def run_config(name: str, switches: set, data: ModeData, catalogue: Catalogue, t
             loss_first=losses[0],
             loss_last=losses[-1],
         )
+        if text_tokens:
+            result["packed_text_tokens_per_step"] = statistics.fmean(text_tokens)
+        if "compile" in switches:
+            stats = torch._dynamo.utils.counters["stats"]
+            result["compiled_graphs"] = int(stats.get("unique_graphs", 0))
+            result["compile_calls"] = int(stats.get("calls_captured", 0))
+        if device.type == "cuda" and static:
+            result["host_syncs_in_step"] = count_cuda_syncs(lambda: train_step(model, optimizer, batch_of(warmup),
+                                                                            cache, bf16, device, feature_dtype))
+        if args.profile_configs and name in args.profile_configs.split(","):
+            result["profile_file"] = write_profile(model, optimizer, [batch_of(s) for s in range(warmup, warmup + 3)],
+                                                   cache, bf16, device, feature_dtype, args, data.mode, name)
         if not all(math.isfinite(x) for x in losses):
             result["status"] = "non-finite loss"
     except Exception as error:  # noqa: BLE001 - every configuration reports, none stops the run
@@ -619,9 +728,45 @@ def run_config(name: str, switches: set, data: ModeData, catalogue: Catalogue, t
     return result
 
 
+def count_cuda_syncs(step) -> int:
+    """Device-to-host synchronisations during one call of `step` (CUDA only), counted through
+    torch.cuda.set_sync_debug_mode("warn"): one warning per synchronising call (.item(), nonzero, ...)."""
+    import warnings
+
+    previous = torch.cuda.get_sync_debug_mode()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def write_profile(model, optimizer, batches, cache, bf16, device, feature_dtype, args, mode, name) -> str:
+    """torch.profiler table (top 40 ops by self time) of `len(batches)` steps, written under --profile-dir."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=False) as prof:
+        for batch in batches:
+            train_step(model, optimizer, batch, cache, bf16, device, feature_dtype)
+        _sync(device)
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40)
+    folder = Path(args.profile_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"profile_{args.size}_{device.type}_{mode}_{re.sub(r'[^A-Za-z0-9+_-]', '_', name)}.txt"
+    header = (f"torch.profiler, {len(batches)} training steps after timing; size {args.size}, device "
+              f"{device_name(device)}, torch {torch.__version__}; mode {mode}, configuration {name}\n")
+    path.write_text(header + table + "\n")
+    return str(path)
+
+
 def resolve_all(mode_results: list, other_results: list, forced: str | None) -> tuple[set, str]:
-    """The switches of `all`: forced by --all-switches, else per switch: dedup and cache always (they only
-    remove work); bf16 / sdpa / fused_adamw when they beat the baseline by > 1% in this mode (else in the other
+    """The switches of `all`: forced by --all-switches, else per switch: dedup, cache and packed always (they
+    only remove work); bf16 / sdpa / fused_adamw when they beat the baseline by > 1% in this mode (else in the other
     mode, where this one did not measure them; unmeasured: on); compile only when measured in this mode and
     > 5% faster (its compile time is not free, and its shapes differ between modes)."""
     if forced:
@@ -638,7 +783,7 @@ def resolve_all(mode_results: list, other_results: list, forced: str | None) -> 
     chosen, reasons = set(), []
     for switch in SWITCHES:
         threshold = 1.05 if switch == "compile" else 1.01
-        if switch in ("dedup", "cache"):
+        if switch in ("dedup", "cache", "packed"):
             keep, why = True, "removes work"
         elif switch in here:
             keep, why = here[switch] > threshold, f"x{here[switch]:.2f} here"
@@ -677,8 +822,8 @@ def _fmt(value, spec):
 
 def format_table(report: dict) -> str:
     rows = ["| mode | config | status | median step (s) | seq/s | vs baseline | items/step | peak mem (GiB) "
-            "| TFLOP/s | % of peak | vs research code |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "| TFLOP/s | % of peak | vs research code | warm-up (s) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
         rows.append(
             f"| {r['mode']} | {r['config']}{' (' + '+'.join(r['switches']) + ')' if r['config'].startswith('all') else ''} "
@@ -686,7 +831,7 @@ def format_table(report: dict) -> str:
             f"| {_fmt(r.get('speedup_vs_baseline'), '.2f')}x | {_fmt(r.get('items_encoded_per_step'), '.0f')} "
             f"| {_fmt(r.get('peak_memory_gib'), '.2f')} | {_fmt(r.get('achieved_tflops'), '.2f')} "
             f"| {_fmt(None if r.get('fraction_of_peak') is None else 100 * r['fraction_of_peak'], '.1f')} "
-            f"| {_fmt(r.get('ratio_to_reference'), '.2f')} |"
+            f"| {_fmt(r.get('ratio_to_reference'), '.2f')} | {_fmt(r.get('warmup_s'), '.1f')} |"
         )
     return "\n".join(rows)
 
@@ -711,6 +856,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--compile-mode", default=None, choices=("default", "reduce-overhead", "max-autotune",
+                                                                  "max-autotune-no-cudagraphs"),
+                        help="torch.compile mode (reduce-overhead: CUDA graphs, with static shapes)")
     parser.add_argument("--all-switches", default=None, help="force the switches of `all` (comma-separated)")
     parser.add_argument("--cache-dtype", default=None, help="cache storage dtype (default: bfloat16 with bf16, "
                         "else float32)")
@@ -718,6 +866,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--time-budget-s", type=float, default=None,
                         help="skip configurations that would start after this many seconds")
     parser.add_argument("--raise-errors", action="store_true", help="re-raise non-OOM errors (debugging)")
+    parser.add_argument("--profile-configs", default=None,
+                        help="comma-separated configuration names to profile (3 steps after timing, torch.profiler "
+                             "table written under --profile-dir)")
+    parser.add_argument("--profile-dir", default="benchmarks/results", help="folder for the profile tables")
     return parser
 
 
@@ -807,7 +959,8 @@ def _run(args, started: float, device: torch.device) -> dict:
         total_steps = (max(args.warmup, 3) + args.steps)
         data = make_mode_data(mode, spec, batch_size, total_steps, data_dir, args.seed)
         report["modes"][mode] = data.stats(spec.max_length + 1)
-        catalogue = Catalogue(data.num_items, spec, device, data.log_q, seed=args.seed)
+        catalogue = Catalogue(data.num_items, spec, device, data.log_q, seed=args.seed,
+                              text_lengths=data.text_lengths)
         mode_results: list = []
         for name_, switches, extras in configs[mode]:
             if args.time_budget_s is not None and time.perf_counter() - started > args.time_budget_s:
@@ -845,7 +998,8 @@ def _run(args, started: float, device: torch.device) -> dict:
           f"batch {batch_size} users, {args.steps} timed steps after {args.warmup} warm-up")
     for mode, stats in report["modes"].items():
         print(f"{mode}: {stats['source']}; {stats['mean_real_items_per_step']:.0f} real / "
-              f"{stats['slots_per_step']} slots, {stats['mean_distinct_items_per_step']:.0f} distinct items per step")
+              f"{stats['slots_per_step']} slots, {stats['mean_distinct_items_per_step']:.0f} distinct items per step; "
+              f"text: {stats['text_tokens_source']}")
     print(f"FLOP model: {flops['forward_gflop_per_item']:.2f} GFLOP forward per item "
           f"({flops['forward_frozen_gflop_per_item']:.2f} frozen), {flops['backward_gflop_per_item']:.2f} backward")
     print(format_table(report))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "first_occurrence_index",
+    "first_occurrence_index_sorted",
     "gather_across_processes",
     "distributed_mean",
     "next_item_loss",
@@ -33,6 +34,22 @@ def first_occurrence_index(ids: torch.Tensor) -> torch.Tensor:
     first = torch.full((int(inverse.max()) + 1 if count else 0,), count, dtype=torch.long, device=ids.device)
     first = first.scatter_reduce(0, inverse, positions, reduce="amin")  # (G,)
     return first[inverse]  # (C,)
+
+
+def first_occurrence_index_sorted(ids: torch.Tensor) -> torch.Tensor:
+    """`first_occurrence_index` without `torch.unique` (a device-to-host sync for its output size): a stable
+    sort puts equal ids next to each other, first occurrence first. The same integers. ids: (C,) -> (C,) long."""
+    count = ids.shape[0]
+    if count == 0:
+        return torch.zeros(0, dtype=torch.long, device=ids.device)
+    sorted_ids, order = torch.sort(ids, stable=True)  # (C,), (C,)
+    positions = torch.arange(count, device=ids.device)  # (C,)
+    starts = torch.ones(count, dtype=torch.bool, device=ids.device)
+    starts[1:] = sorted_ids[1:] != sorted_ids[:-1]  # (C,) first element of each run of equal ids
+    run_start = torch.where(starts, positions, torch.zeros_like(positions)).cummax(0).values  # (C,)
+    first = torch.empty_like(order)
+    first[order] = order[run_start]
+    return first  # (C,)
 
 
 def _distributed() -> bool:
@@ -96,6 +113,7 @@ def next_item_loss(
     candidate_valid: torch.Tensor | None = None,
     reduction: str = "mean",
     temperature: float = 1.0,
+    sync_free: bool = False,
 ) -> torch.Tensor:
     """In-batch softmax next-item loss over every real position ("all-action").
 
@@ -108,7 +126,9 @@ def next_item_loss(
         candidate_ids: (C,) item ids of the candidates.
         candidate_log_q: (C,) optional log popularity, subtracted from the logits (log-q correction).
         candidate_valid: (C,) optional mask of real candidates (False for padding rows of a gather).
-        reduction: "mean" or "sum" over positions.
+        reduction: "mean" or "sum" over positions, or "none" (the (P,) per-position losses).
+        sync_free: group the candidate ids by sorting instead of `torch.unique` (no device-to-host sync; the
+            same integers, so the same loss).
         temperature: logits are ``query @ candidates.T / temperature`` (1.0: the research code's raw dot
             products; with L2-normalised query and candidates, a cosine softmax at that temperature).
 
@@ -120,7 +140,7 @@ def next_item_loss(
     columns = torch.arange(candidate_ids.shape[0], device=candidate_ids.device)  # (C,)
     # padding rows of a gather must never be the "first copy" of a real id (they become unique negatives)
     candidate_ids = _unique_ids_at_padding(candidate_ids, candidate_valid)  # (C,)
-    canonical = first_occurrence_index(candidate_ids)  # (C,)
+    canonical = (first_occurrence_index_sorted if sync_free else first_occurrence_index)(candidate_ids)  # (C,)
     is_first = canonical == columns  # (C,)
     if candidate_valid is not None:
         is_first = is_first & candidate_valid
@@ -171,6 +191,7 @@ def nicl_loss(
     item_has_image: torch.Tensor | None = None,
     candidate_has_image: torch.Tensor | None = None,
     return_count: bool = False,
+    sync_free: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """NICL: next-item enhanced cross-modal contrastive loss (the design adopted in the reference).
 
@@ -191,6 +212,9 @@ def nicl_loss(
         candidate_has_image: (C,) bool, the same for the candidates (default: `item_has_image` for a local pool,
             all True for a given one).
         return_count: also return the number of anchors that took part (for a mean over processes).
+        sync_free: static shapes, no device-to-host sync: every slot of `item_index` is an anchor, the padding
+            ones masked out of the sums (instead of selected with `nonzero`), and ids grouped by sorting instead
+            of `torch.unique`. The same loss up to float summation order.
 
     Anchor t(u,l) for every real item; positives: its own image v(u,l) and, when l+1 is real, the next
     item's text t(u,l+1) and image v(u,l+1). Negatives: text and image features of other users' items whose
@@ -227,17 +251,28 @@ def nicl_loss(
     eligible = torch.where(candidate_is_local[None, :], held_by_other, torch.ones_like(held_by_other))  # (B, C)
     eligible = eligible & candidate_valid[None, :]  # (B, C)
     # keep one eligible copy per (user, id)
-    _, group = torch.unique(candidate_ids, return_inverse=True)  # (C,)
     columns = torch.arange(num_candidates, device=device)  # (C,)
-    first = torch.full((batch, int(group.max()) + 1), num_candidates, dtype=torch.long, device=device)
+    if sync_free:  # group label = first occurrence of the id (< C): no unique, no max read back
+        group = first_occurrence_index_sorted(candidate_ids)  # (C,)
+        groups = num_candidates
+    else:
+        _, group = torch.unique(candidate_ids, return_inverse=True)  # (C,)
+        groups = int(group.max()) + 1
+    first = torch.full((batch, groups), num_candidates, dtype=torch.long, device=device)
     first = first.scatter_reduce(
         1, group[None, :].expand(batch, -1), torch.where(eligible, columns[None, :], num_candidates), reduce="amin"
     )  # (B, G)
     keep = eligible & (first.gather(1, group[None, :].expand(batch, -1)) == columns[None, :])  # (B, C)
 
     # anchors: every real position; next item where the next slot is real
-    anchor_user, anchor_slot = real.nonzero(as_tuple=True)  # (A,), (A,)
-    anchor_item = item_index[anchor_user, anchor_slot]  # (A,)
+    if sync_free:  # every slot is an anchor (A = B * S), the padding ones masked below
+        anchor_user = torch.arange(batch, device=device).repeat_interleave(slots)  # (A,)
+        anchor_slot = torch.arange(slots, device=device).repeat(batch)  # (A,)
+        anchor_real = real.reshape(-1)  # (A,)
+    else:
+        anchor_user, anchor_slot = real.nonzero(as_tuple=True)  # (A,), (A,)
+        anchor_real = None
+    anchor_item = item_index[anchor_user, anchor_slot].clamp(min=0)  # (A,)
     next_slot = (anchor_slot + 1).clamp(max=slots - 1)  # (A,)
     next_item = item_index[anchor_user, next_slot]  # (A,)
     has_next = (anchor_slot + 1 < slots) & (next_item >= 0)  # (A,)
@@ -271,18 +306,30 @@ def nicl_loss(
     # for the text anchor the first positive is the own image; for the image anchor, the own text
     uses_text_anchor = text_valid.any(1)  # (A,)
     uses_image_anchor = own_image  # (A,)
+    if anchor_real is not None:
+        uses_text_anchor, uses_image_anchor = uses_text_anchor & anchor_real, uses_image_anchor & anchor_real
     directions = uses_text_anchor.float() + uses_image_anchor.float()  # (A,)
     summed = (direction(text_anchor, vision_anchor, text_valid) * uses_text_anchor
               + direction(vision_anchor, text_anchor, image_valid) * uses_image_anchor)  # (A,)
     taking_part = directions > 0
-    per_anchor = summed[taking_part] / directions[taking_part]  # (A',)
-    reduced = _reduce(per_anchor, reduction)
+    if sync_free:
+        per_anchor = torch.where(taking_part, summed / directions.clamp(min=1), torch.zeros_like(summed))  # (A,)
+        reduced = per_anchor.sum()
+        if reduction == "mean":
+            reduced = reduced / taking_part.sum().clamp(min=1)
+        elif reduction != "sum":
+            raise ValueError(f"`reduction` must be 'mean' or 'sum', got {reduction!r}.")
+    else:
+        per_anchor = summed[taking_part] / directions[taking_part]  # (A',)
+        reduced = _reduce(per_anchor, reduction)
     if return_count:
         return reduced, taking_part.sum()
     return reduced
 
 
 def _reduce(values: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "none":
+        return values
     if reduction == "sum":
         return values.sum()
     if reduction == "mean":

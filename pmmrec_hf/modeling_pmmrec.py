@@ -369,6 +369,8 @@ class PMMRecAttention(nn.Module):
 
     def forward(self, hidden: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         # hidden: (B, T, d); allowed: (B, 1, T, T) bool, True where a query may attend to a key
+        if not isinstance(allowed, torch.Tensor):  # packed tokens (P, d) and their pmmrec_hf.packing.VarlenAttention
+            return self._forward_packed(hidden, allowed)
         batch, length, _ = hidden.shape
 
         def heads(x: torch.Tensor) -> torch.Tensor:
@@ -384,6 +386,17 @@ class PMMRecAttention(nn.Module):
         else:
             context = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout)  # (B, h, T, dh)
         return self.output(context.transpose(1, 2).reshape(batch, length, -1))  # (B, T, d)
+
+    def _forward_packed(self, hidden: torch.Tensor, varlen) -> torch.Tensor:
+        # hidden: (P, d) the tokens of several sequences laid end to end; varlen: which sequence each belongs to
+        count = hidden.shape[0]
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(count, self.num_heads, self.head_dim)  # (P, h, dh)
+
+        context = varlen(heads(self.query(hidden)), heads(self.key(hidden)), heads(self.value(hidden)),
+                         dropout=self.dropout if self.training else 0.0)  # (P, h, dh)
+        return self.output(context.reshape(count, -1))  # (P, d)
 
 
 class PMMRecTransformerLayer(_LayerBase):
@@ -585,7 +598,9 @@ def _check_inference_index(item_index: torch.Tensor, max_length: int) -> None:
 def _mean(total: torch.Tensor, count: int, across_processes: bool) -> torch.Tensor:
     """Mean over this process's examples, or its share of the mean over every process's examples."""
     if across_processes:
-        return distributed_mean(total, torch.tensor(count, device=total.device))
+        return distributed_mean(total, torch.as_tensor(count, device=total.device))
+    if isinstance(count, torch.Tensor):  # a count on the device (no host sync)
+        return total / count.clamp(min=1).to(total.dtype)
     return total / max(count, 1)
 
 
@@ -953,6 +968,7 @@ class PMMRecItemEncoder(PMMRecPreTrainedModel):
         vision_features: torch.Tensor | None = None,
         image_mask: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        token_packing=None,
         **kwargs,
     ) -> PMMRecItemEncoderOutput | tuple:
         r"""Embed a batch of N items from their text and / or image.
@@ -977,6 +993,11 @@ class PMMRecItemEncoder(PMMRecPreTrainedModel):
                 embedding comes from its text alone. The processor and the collator give it.
             return_dict (`bool`, *optional*):
                 Return a [`PMMRecItemEncoderOutput`] (default) or a plain tuple.
+            token_packing (`pmmrec_hf.packing.TokenPacking`, *optional*):
+                Run the text tower's trainable blocks and the fusion on the real tokens only (packed, with
+                variable-length attention); the plan must describe these inputs (their text lengths and
+                `image_mask`). Same embeddings up to float rounding; `last_hidden_state` is then None. Default
+                off (multi-modal encoders only).
 
         Returns:
             [`PMMRecItemEncoderOutput`] or `tuple`: `item_embeddings` (N, d), `text_embeddings` (N, d) or None,
@@ -985,6 +1006,18 @@ class PMMRecItemEncoder(PMMRecPreTrainedModel):
         """
         config = self.config
         text_emb = vision_emb = fused = None
+        if token_packing is not None:
+            try:  # package-only (not a remote-code requirement: imports inside `try` are not checked)
+                from pmmrec_hf.packing import packed_item_forward
+            except ImportError as error:
+                raise ImportError("token_packing needs the pmmrec_hf package (pip install pmmrec_hf).") from error
+            item_emb, text_emb, vision_emb = packed_item_forward(
+                self, token_packing, input_ids=input_ids, attention_mask=attention_mask, text_features=text_features,
+                pixel_values=pixel_values, vision_features=vision_features, image_mask=image_mask,
+            )
+            output = PMMRecItemEncoderOutput(item_embeddings=item_emb, text_embeddings=text_emb,
+                                             vision_embeddings=vision_emb, image_mask=image_mask)
+            return output if _check_return_dict(return_dict, config) else output.to_tuple()
         if config.uses_text:
             if attention_mask is None and input_ids is not None:
                 attention_mask = torch.ones_like(input_ids)
@@ -1364,6 +1397,8 @@ class PMMRecModel(PMMRecPreTrainedModel):
         image_mask: torch.Tensor | None = None,
         return_loss: bool = True,
         return_dict: bool | None = None,
+        token_packing=None,
+        sync_free: bool = False,
         **kwargs,
     ) -> PMMRecModelOutput | tuple:
         r"""One pre-training (or inference) step on a batch of B user sequences over N distinct items.
@@ -1389,6 +1424,12 @@ class PMMRecModel(PMMRecPreTrainedModel):
                 Compute the objectives (False: only embed the items and encode the sequences).
             return_dict (`bool`, *optional*):
                 Return a [`PMMRecModelOutput`] (default) or a plain tuple.
+            token_packing (`pmmrec_hf.packing.TokenPacking`, *optional*):
+                Packed text tokens in the item encoder (see [`PMMRecItemEncoder.forward`]). Default off.
+            sync_free (`bool`, *optional*, defaults to `False`):
+                Compute the next-item and NICL losses with static shapes and no device-to-host synchronisation
+                (every position scored and masked instead of selected, ids grouped by sorting instead of
+                `torch.unique`): the same losses up to float summation order. NID / RCL keep their selections.
 
         Returns:
             [`PMMRecModelOutput`] or `tuple`: `loss` (the weighted sum of the objectives computed), `next_item_loss`,
@@ -1405,6 +1446,7 @@ class PMMRecModel(PMMRecPreTrainedModel):
         items = self.item_encoder(
             input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
             text_features=text_features, vision_features=vision_features, image_mask=image_mask,
+            token_packing=token_packing,
         )
         item_emb = _normalise_if_cosine(items.item_embeddings, config)  # (N, d)
         if not return_loss:
@@ -1427,7 +1469,25 @@ class PMMRecModel(PMMRecPreTrainedModel):
             "rcl_loss": config.rcl_weight,
         }
 
-        if config.next_item_weight > 0:
+        if config.next_item_weight > 0 and sync_free:
+            batch, length = inputs.shape
+            positions = ((inputs >= 0) & (targets >= 0)).reshape(-1)  # (B * L,) every slot scored, padding masked
+            per_position = next_item_loss(
+                query=_normalise_if_cosine(states.reshape(batch * length, -1), config),
+                candidates=pool.embeddings,
+                targets=targets.reshape(-1).clamp(min=0) + pool.offset,
+                query_users=torch.arange(batch, device=inputs.device).repeat_interleave(length),
+                user_item_ids=_user_item_ids(item_index, item_ids),
+                candidate_ids=pool.ids,
+                candidate_log_q=pool.log_q if config.logq_correction else None,
+                candidate_valid=pool.valid,
+                reduction="none",
+                temperature=config.next_item_temperature,
+                sync_free=True,
+            )  # (B * L,)
+            total = torch.where(positions, per_position, torch.zeros_like(per_position)).sum()
+            losses["next_item_loss"] = _mean(total, positions.sum(), gather)
+        elif config.next_item_weight > 0:
             positions = (inputs >= 0) & (targets >= 0)  # (B, L)
             query_users, query_slots = positions.nonzero(as_tuple=True)  # (P,), (P,)
             total = next_item_loss(
@@ -1466,8 +1526,8 @@ class PMMRecModel(PMMRecPreTrainedModel):
                         candidate_has_image=all_has_image[order],
                     )
             total, anchors = nicl_loss(text, vision, item_index, item_ids, config.nicl_temperature, reduction="sum",
-                                       item_has_image=has_image, return_count=True, **extra)
-            losses["nicl_loss"] = _mean(total, int(anchors), gather)
+                                       item_has_image=has_image, return_count=True, sync_free=sync_free, **extra)
+            losses["nicl_loss"] = _mean(total, anchors if sync_free else int(anchors), gather)
 
         corrupted = corrupted_index if corrupted_index is not None else corrupted_item_ids
         if corrupted is not None and (config.nid_weight > 0 or config.rcl_weight > 0):

@@ -238,9 +238,13 @@ def test_all_is_resolved_from_the_results_before_it():
     ok = lambda config, seq: {"config": config, "status": "ok", "sequences_per_s": seq}  # noqa: E731
     here = [ok("baseline", 10.0), ok("bf16", 30.0), ok("sdpa", 10.05), ok("compile", 10.4)]
     chosen, why = tp.resolve_all(here, [], None)
-    assert chosen == {"dedup", "cache", "bf16", "fused_adamw"}  # sdpa +0.5%, compile +4%: not enough
+    # sdpa +0.5%, compile +4%: not enough; packed removes work; static unmeasured: off
+    assert chosen == {"dedup", "cache", "packed", "bf16", "fused_adamw"}
     assert "sdpa off (x1.01 here)" in why and "fused_adamw on (not measured: default)" in why
+    assert "static off (not measured: default)" in why
+    chosen, _ = tp.resolve_all(here + [ok("static", 11.0)], [], None)
+    assert "static" in chosen
     other = [ok("baseline", 10.0), ok("sdpa", 12.0), ok("compile", 20.0), ok("fused_adamw", 9.0)]
     chosen, _ = tp.resolve_all([ok("baseline", 5.0)], other, None)
-    assert chosen == {"dedup", "cache", "bf16", "sdpa"}  # compile counts only when measured in the same mode
+    assert chosen == {"dedup", "cache", "packed", "bf16", "sdpa"}  # compile counts only when measured in this mode
     assert tp.resolve_all([], [], "bf16,cache")[0] == {"bf16", "cache"}
