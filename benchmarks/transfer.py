@@ -104,10 +104,11 @@ SYNTHETIC_SEEDS = {"movielens-100k": 0, "movielens-1m": 3, "hm": 1, "amazon-offi
                    "amazon-games": 5}
 FINETUNE_OBJECTIVE = dict(next_item_weight=1.0, nicl_weight=0.0, nid_weight=0.0, rcl_weight=0.0)
 QUICK = dict(fractions=[0.1, 1.0], seeds=[0], pretrain_steps=300, max_users_per_source=250, learning_rates=[3e-4],
-             patience=1, max_evaluations=5, max_eval_steps=40, single_source=False, trainable_layers=0)
+             patience=1, max_evaluations=5, max_eval_steps=40, single_source=False, trainable_layers=0,
+             settings=[s for s in SETTINGS if s not in ("user_encoder", "full_lora")])
 FULL = dict(fractions=[0.1, 0.25, 1.0], seeds=[0, 1, 2], pretrain_steps=3000, max_users_per_source=None,
             learning_rates=[1e-3, 3e-4, 1e-4], patience=3, max_evaluations=30, max_eval_steps=100, single_source=True,
-            trainable_layers=1)
+            trainable_layers=1, settings=list(SETTINGS))
 # options that define the protocol's results (a resumed run must match them)
 PROTOCOL_KEYS = ("targets", "platforms", "single_source", "single_source_rows", "fractions", "trainable_layers",
                  "tower_learning_rate", "learning_rates", "patience", "max_evaluations", "min_eval_steps",
@@ -143,7 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-single-source", action="store_true", help="no single-source pre-training")
     parser.add_argument("--single-source-rows", nargs="+", default=["zero_shot", "full", "item_encoder"],
                         choices=list(TRANSFERRED), help="rows of the single-source pre-trained model")
-    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--settings", nargs="+", default=None, choices=list(SETTINGS),
+                        help="rows to run (default: every row; --quick leaves out user_encoder and full_lora)")
     parser.add_argument("--fractions", type=float, nargs="+", default=None, help="target training-user fractions")
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--learning-rates", type=float, nargs="+", default=None,

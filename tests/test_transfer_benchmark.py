@@ -29,7 +29,8 @@ def protocol_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("transfer")
     argv = ["--quick", *TINY, "--work-dir", str(root / "work"), "--output", str(root / "results.json"),
             "--fractions", "0.5", "1", "--seeds", "0", "--learning-rates", "1e-3", "3e-4", "--max-evaluations", "3", "--max-eval-steps", "4",
-            "--patience", "1", "--single-source", "hm=movielens-1m", "--single-source-rows", "zero_shot", "full"]
+            "--patience", "1", "--single-source", "hm=movielens-1m", "--single-source-rows", "zero_shot", "full",
+            "--settings", *bench.SETTINGS]
     result = bench.main(argv)
     return bench, root, argv, result
 
