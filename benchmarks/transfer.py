@@ -22,7 +22,8 @@ The protocol, per target (built-in: H&M, text + photos; Amazon Office, text only
    recommender), ``scratch`` (PMMRec from the original backbones), ``zero_shot`` (the
    pre-trained model as is: catalogue from its item encoder, no target training), the transfer settings
    ``full``, ``item_encoder``, ``user_encoder`` and ``full_lora`` (full + LoRA, only adapters train).
-   On a text-only target the pre-trained model is first reduced to its text tower + user encoder.
+   Every PMMRec row has the same multi-modal architecture on every target; on a text-only target no item has an
+   image (its items are embedded from their text through the fusion).
 3. **The same tuning budget for every trained row**: for every lr of ``--learning-rates`` a run at a constant lr
    is scored on validation every ``eval_every`` steps (an epoch; whole epochs of at least ``--min-eval-steps``
    on a small training set; at most ``--max-eval-steps``) until ``--patience`` evaluations bring no improvement
@@ -163,7 +164,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-eval-steps", type=int, default=None,
                         help="a large training set is evaluated at least every this many steps (within an epoch)")
     parser.add_argument("--pretrain-steps", type=int, default=None)
-    parser.add_argument("--pretrain-lr", type=float, default=1e-3)
+    parser.add_argument("--pretrain-lr", type=float, default=1e-4,
+                        help="pre-training lr (the paper's 1e-4; 1e-3 moved the zero-shot model further from the "
+                             "target: TRANSFER.md)")
     parser.add_argument("--nicl-weight", type=float, default=0.4)
     parser.add_argument("--nid-weight", type=float, default=0.1)
     parser.add_argument("--rcl-weight", type=float, default=0.1)
@@ -698,8 +701,6 @@ def pretrain_key(args, sources: list[str]) -> str:
 def pretrain(args, platforms: Platforms, sources: list[str], cache, text_model, vision_model, work: Path):
     """PMMRec pre-trained on `sources` (one platform per batch, temperature sampling, all objectives), loaded from
     the work dir when this exact pre-training ran before. Returns (model, record)."""
-    from pmmrec_hf.data.mixture import PlatformBatchSampler, platform_probabilities
-
     folder = work / "pretrained" / pretrain_key(args, sources)
     record_path = folder / "record.json"
     if record_path.is_file():
@@ -707,6 +708,32 @@ def pretrain(args, platforms: Platforms, sources: list[str], cache, text_model, 
         model.eval()
         logger.info("pre-trained model on %s loaded from %s", "+".join(sources), folder)
         return model, json.loads(record_path.read_text())
+    inputs = pretraining_inputs(args, platforms, sources)
+    model = new_pmmrec(args, text_model, vision_model, "multimodal", pretrain_objective(args), seed=0)
+    config = training_config(args, args.pretrain_steps, args.pretrain_lr, 0, str(folder / "run"),
+                             replace_prob=0.1, shuffle_prob=0.1)
+    start = time.perf_counter()
+    summary = train(model, inputs["train_rows"], inputs["collator"], config, eval_rows=None,
+                    save_fn=lambda m, out: None, feature_cache=cache, batch_sampler=inputs["sampler"])
+    seconds = time.perf_counter() - start
+    model.eval()
+    record = {"sources": sources, "users": inputs["users"], "probabilities": inputs["probabilities"],
+              "steps": summary["global_step"], "train_seconds": summary["train_seconds"], "seconds": seconds,
+              "seconds_per_step": summary["train_seconds"] / max(summary["global_step"], 1),
+              "trainable_parameters": trainable_parameters(model), "final_losses": summary["last_logs"],
+              "log_history": summary.get("log_history", [])}
+    model.save_pretrained(folder / "model")
+    record_path.write_text(json.dumps(record, indent=1, default=float))  # written last: marks the folder complete
+    logger.info("pre-trained on %s: %d steps in %.1fs (%.2f s/step)", "+".join(sources), record["steps"], seconds,
+                record["seconds_per_step"])
+    return model, record
+
+
+def pretraining_inputs(args, platforms: Platforms, sources: list[str]) -> dict:
+    """What a pre-training on `sources` trains on: {"train_rows", "sampler" (one platform per batch, temperature
+    sampling over the sources), "collator", "users" and "probabilities" per source}."""
+    from pmmrec_hf.data.mixture import PlatformBatchSampler, platform_probabilities
+
     mixture = platforms.mixture
     index = {name: i for i, name in enumerate(platforms.names)}
     wanted = {index[name] for name in sources}
@@ -720,27 +747,11 @@ def pretrain(args, platforms: Platforms, sources: list[str], cache, text_model, 
     sizes = [len(rows_by_platform.get(i, [])) or 1 for i in range(len(platforms.names))]
     probabilities = platform_probabilities(sizes, "temperature", args.mixture_temperature)
     probabilities = [p if i in wanted else 0.0 for i, p in enumerate(probabilities)]
-    sampler = PlatformBatchSampler(row_platform, args.batch_size, probabilities=probabilities)
-    model = new_pmmrec(args, text_model, vision_model, "multimodal", pretrain_objective(args), seed=0)
-    collator = PMMRecCollator(mixture.items, modality="ids", max_length=args.max_length)
-    config = training_config(args, args.pretrain_steps, args.pretrain_lr, 0, str(folder / "run"),
-                             replace_prob=0.1, shuffle_prob=0.1)
-    start = time.perf_counter()
-    summary = train(model, train_rows, collator, config, eval_rows=None, save_fn=lambda m, out: None,
-                    feature_cache=cache, batch_sampler=sampler)
-    seconds = time.perf_counter() - start
-    model.eval()
-    record = {"sources": sources, "users": {platforms.names[i]: len(r) for i, r in rows_by_platform.items()},
-              "probabilities": {platforms.names[i]: p for i, p in enumerate(probabilities) if p},
-              "steps": summary["global_step"], "train_seconds": summary["train_seconds"], "seconds": seconds,
-              "seconds_per_step": summary["train_seconds"] / max(summary["global_step"], 1),
-              "trainable_parameters": trainable_parameters(model), "final_losses": summary["last_logs"],
-              "log_history": summary.get("log_history", [])}
-    model.save_pretrained(folder / "model")
-    record_path.write_text(json.dumps(record, indent=1, default=float))  # written last: marks the folder complete
-    logger.info("pre-trained on %s: %d steps in %.1fs (%.2f s/step)", "+".join(sources), record["steps"], seconds,
-                record["seconds_per_step"])
-    return model, record
+    return {"train_rows": train_rows,
+            "sampler": PlatformBatchSampler(row_platform, args.batch_size, probabilities=probabilities),
+            "collator": PMMRecCollator(mixture.items, modality="ids", max_length=args.max_length),
+            "users": {platforms.names[i]: len(r) for i, r in rows_by_platform.items()},
+            "probabilities": {platforms.names[i]: p for i, p in enumerate(probabilities) if p}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -809,15 +820,24 @@ def source_label(name: str) -> str:
     return "all others" if name == "others" else name
 
 
+def target_context(args, target, platforms: Platforms, cache) -> dict:
+    """What every row of `target` uses: its splits ("data"), "modality", its rows of the cache ("view"), the ids
+    collator, "id_of" (item id -> integer id) and the consecutive "pairs" of the co-occurrence diagnostic."""
+    data = platforms.data[target]
+    modality = platforms.modality[target]
+    ids_collator = PMMRecCollator(data["items"], modality="ids", max_length=args.max_length)
+    id_of = {item: i for i, item in enumerate(ids_collator.items.item_ids)}
+    return {"data": data, "modality": modality, "ids_collator": ids_collator, "id_of": id_of,
+            "view": CacheView(cache, platforms.offsets[target], len(data["items"]), modality),
+            "pairs": consecutive_pairs(data["train"], id_of)}
+
+
 def run_target(args, target, platforms: Platforms, cache, text_model, vision_model, results: Results, work) -> None:
     from pmmrec_hf.data.format import subset_users
 
-    data = platforms.data[target]
-    modality = platforms.modality[target]
-    view = CacheView(cache, platforms.offsets[target], len(data["items"]), modality)
-    ids_collator = PMMRecCollator(data["items"], modality="ids", max_length=args.max_length)
-    id_of = {item: i for i, item in enumerate(ids_collator.items.item_ids)}
-    pairs = consecutive_pairs(data["train"], id_of)
+    context = target_context(args, target, platforms, cache)
+    data, modality, view = context["data"], context["modality"], context["view"]
+    ids_collator, id_of, pairs = context["ids_collator"], context["id_of"], context["pairs"]
     pretrained = {}
     if any(s in SETTINGS_NEED_PRETRAINING for s in args.settings):
         for name, sources, rows in source_sets(args, target):
@@ -1011,27 +1031,9 @@ def protocol_options(args) -> dict:
     return json.loads(json.dumps(options, default=str))
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.render:
-        return render(args.render, args.plot)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    import datasets
-
-    datasets.disable_progress_bars()
-    for noisy in ("pmmrec_hf.transfer", "accelerate", "transformers", "pmmrec_hf.training"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    PROTOCOL["repeated_targets"] = args.repeated_targets
-    work = Path(args.work_dir)
-    if work.resolve().is_relative_to(REPO):
-        raise ValueError(f"--work-dir {work} lies inside the repository: derived data must stay outside it.")
-    work.mkdir(parents=True, exist_ok=True)
-    results = Results(args.output, protocol_options(args), args.fresh)
-    total_start = time.perf_counter()
-    timings = results.extra["timings_seconds"]
-
+def set_up(args, timings: dict) -> tuple[Platforms, MapCache, str, str]:
+    """The prepared platforms (one mixture), the feature cache over all their items (in the work dir: re-used when
+    complete), and the text / vision backbones; adds "prepare" and "feature_cache" seconds to `timings`."""
     start = time.perf_counter()
     folders = prepare_data(args)
     platforms = load_platforms(args, folders)
@@ -1042,10 +1044,39 @@ def main(argv=None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(text_model)
     # one cache over every platform's items (the frozen blocks are the original backbones' for every model)
     encoder = new_pmmrec(args, text_model, vision_model, "multimodal", pretrain_objective(args), seed=0).item_encoder
-    cache_dir = work / "feature_cache" / f"k{args.trainable_layers}-{hashlib.sha256('|'.join(folders.values()).encode()).hexdigest()[:10]}"
+    digest = hashlib.sha256("|".join(folders.values()).encode()).hexdigest()[:10]
+    cache_dir = Path(args.work_dir) / "feature_cache" / f"k{args.trainable_layers}-{digest}"
     cache, timings["feature_cache"] = build_cache(args, "all", {"items": platforms.mixture.items}, encoder, tokenizer,
                                                   path=cache_dir)
-    del encoder
+    return platforms, cache, text_model, vision_model
+
+
+def configure_logging(args) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    import datasets
+
+    datasets.disable_progress_bars()
+    for noisy in ("pmmrec_hf.transfer", "accelerate", "transformers", "pmmrec_hf.training"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.render:
+        return render(args.render, args.plot)
+    configure_logging(args)
+    PROTOCOL["repeated_targets"] = args.repeated_targets
+    work = Path(args.work_dir)
+    if work.resolve().is_relative_to(REPO):
+        raise ValueError(f"--work-dir {work} lies inside the repository: derived data must stay outside it.")
+    work.mkdir(parents=True, exist_ok=True)
+    results = Results(args.output, protocol_options(args), args.fresh)
+    total_start = time.perf_counter()
+    timings = results.extra["timings_seconds"]
+
+    platforms, cache, text_model, vision_model = set_up(args, timings)
     for target in args.targets:
         start = time.perf_counter()
         run_target(args, target, platforms, cache, text_model, vision_model, results, work)

@@ -8,7 +8,6 @@ Tolerances (fp32 CPU, tiny model in eval mode unless said):
 """
 
 import copy
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,17 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "throughput.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("pmmrec_throughput_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("throughput.py", "pmmrec_throughput_benchmark")
 
 
 tp = _load()

@@ -3,23 +3,15 @@ once per bucket. Tolerances (fp32 CPU, tiny eval-mode model): 1e-5 on the loss (
 packed means; static: masked extra columns and summation order of the sync-free losses)."""
 
 import copy
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "throughput.py"
+from benchmark_scripts import load_benchmark
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("pmmrec_throughput_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("throughput.py", "pmmrec_throughput_benchmark")
 
 
 tp = _load()

@@ -1,13 +1,12 @@
 """benchmarks/transfer.py (leave-one-platform-out protocol) on synthetic stand-ins with tiny random backbones."""
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "transfer.py"
 TINY = ["--synthetic", "--tiny-backbones", "--max-users", "24", "--batch-size", "8", "--hidden-size", "32",
@@ -15,11 +14,7 @@ TINY = ["--synthetic", "--tiny-backbones", "--max-users", "24", "--batch-size", 
 
 
 def _load_script():
-    spec = importlib.util.spec_from_file_location("transfer_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("transfer.py", "transfer_benchmark")
 
 
 @pytest.fixture(scope="module")
@@ -285,3 +280,30 @@ def test_readme_table_is_the_committed_run():
         assert cells[4:] == [printed[(target, fraction, setting, source)]["ndcg@10"],
                              printed[(target, fraction, setting, source)]["hr@10"]], line
     assert (repo / "docs" / "transfer_quick.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _load_diagnosis():
+    return load_benchmark("transfer_diagnosis.py", "transfer_diagnosis")
+
+
+@pytest.mark.slow
+def test_diagnosis_curves_start_from_the_untrained_model_and_a_frozen_item_encoder_keeps_its_embeddings(tmp_path):
+    diagnosis = _load_diagnosis()
+    common = [*TINY, "--quick", "--work-dir", str(tmp_path / "work"), "--target", "hm"]
+    pre = diagnosis.main(["pretraining", "--steps", "4", "--every", "2", "--output", str(tmp_path / "p.json"),
+                          *common])
+    assert json.loads((tmp_path / "p.json").read_text()) == pre
+    untrained, curve = pre[0], pre[1:]
+    assert untrained["model"] == "untrained" and [r["step"] for r in curve] == [0, 2, 4]
+    assert "hm" not in curve[0]["users"] and "amazon-office" in curve[0]["users"]
+    # the pre-training starts from the same item and user encoders as the untrained reference
+    assert curve[0]["validation"] == untrained["validation"] and curve[0]["test"] == untrained["test"]
+
+    frozen = diagnosis.main(["finetuning", "--setting", "scratch", "--fraction", "1", "--lr", "1e-2", "--steps", "4",
+                             "--every", "2", "--freeze-item-encoder", "--output", str(tmp_path / "f.json"), *common])
+    assert [r["step"] for r in frozen[1:]] == [0, 2, 4]
+    assert frozen[1]["validation"] == frozen[0]["validation"]  # scratch at step 0 is the untrained model
+    assert len({r["co_occurrence_auc"] for r in frozen}) == 1  # item embeddings unchanged: only the user side trains
+    trained = diagnosis.main(["finetuning", "--setting", "scratch", "--fraction", "1", "--lr", "1e-2", "--steps", "4",
+                              "--every", "2", "--output", str(tmp_path / "t.json"), *common])
+    assert len({r["co_occurrence_auc"] for r in trained}) > 1
