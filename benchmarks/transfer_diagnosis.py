@@ -43,7 +43,8 @@ def _load_transfer():
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("measurement", choices=("pretraining", "finetuning"))
-    parser.add_argument("--target", required=True, help="the target platform (left out of pre-training)")
+    parser.add_argument("--target", required=True,
+                        help="the measured target (left out of pre-training); one of the run's targets")
     parser.add_argument("--steps", type=int, required=True, help="training steps of the measured run")
     parser.add_argument("--every", type=int, required=True, help="evaluate on the target every this many steps")
     parser.add_argument("--output", required=True, help="JSON list of the records (rewritten after each)")
@@ -75,7 +76,10 @@ def _record(bench, step, model, context, start) -> dict:
 def main(argv=None) -> list[dict]:
     own, rest = parse_args(argv)
     bench = _load_transfer()
-    args = bench.parse_args(["--target", own.target, *rest])
+    args = bench.parse_args(rest)  # the run's platforms and targets: transfer.py's defaults unless `rest` says
+    if own.target not in args.targets:
+        raise SystemExit(f"--target {own.target} is not a target of the run ({', '.join(args.targets)}): give the "
+                         f"run's targets with transfer.py's --target option after the measurement's options.")
     bench.configure_logging(args)
     from pmmrec_hf.data.format import subset_users
     from pmmrec_hf.training import train
