@@ -1469,40 +1469,33 @@ class PMMRecModel(PMMRecPreTrainedModel):
             "rcl_loss": config.rcl_weight,
         }
 
-        if config.next_item_weight > 0 and sync_free:
-            batch, length = inputs.shape
-            positions = ((inputs >= 0) & (targets >= 0)).reshape(-1)  # (B * L,) every slot scored, padding masked
-            per_position = next_item_loss(
-                query=_normalise_if_cosine(states.reshape(batch * length, -1), config),
-                candidates=pool.embeddings,
-                targets=targets.reshape(-1).clamp(min=0) + pool.offset,
-                query_users=torch.arange(batch, device=inputs.device).repeat_interleave(length),
-                user_item_ids=_user_item_ids(item_index, item_ids),
-                candidate_ids=pool.ids,
-                candidate_log_q=pool.log_q if config.logq_correction else None,
-                candidate_valid=pool.valid,
-                reduction="none",
-                temperature=config.next_item_temperature,
-                sync_free=True,
-            )  # (B * L,)
-            total = torch.where(positions, per_position, torch.zeros_like(per_position)).sum()
-            losses["next_item_loss"] = _mean(total, positions.sum(), gather)
-        elif config.next_item_weight > 0:
+        if config.next_item_weight > 0:
             positions = (inputs >= 0) & (targets >= 0)  # (B, L)
-            query_users, query_slots = positions.nonzero(as_tuple=True)  # (P,), (P,)
-            total = next_item_loss(
-                query=_normalise_if_cosine(states[query_users, query_slots], config),
+            if sync_free:  # every slot scored (static shapes), padding masked out of the sum below
+                batch, length = inputs.shape
+                query_users = torch.arange(batch, device=inputs.device).repeat_interleave(length)  # (B * L,)
+                query, query_targets = states.reshape(batch * length, -1), targets.reshape(-1).clamp(min=0)
+            else:  # the real positions only (P,)
+                query_users, query_slots = positions.nonzero(as_tuple=True)  # (P,), (P,)
+                query, query_targets = states[query_users, query_slots], targets[query_users, query_slots]
+            loss = next_item_loss(
+                query=_normalise_if_cosine(query, config),
                 candidates=pool.embeddings,
-                targets=targets[query_users, query_slots] + pool.offset,
+                targets=query_targets + pool.offset,
                 query_users=query_users,
                 user_item_ids=_user_item_ids(item_index, item_ids),
                 candidate_ids=pool.ids,
                 candidate_log_q=pool.log_q if config.logq_correction else None,
                 candidate_valid=pool.valid,
-                reduction="sum",
+                reduction="none" if sync_free else "sum",
                 temperature=config.next_item_temperature,
-            )
-            losses["next_item_loss"] = _mean(total, query_users.numel(), gather)
+                sync_free=sync_free,
+            )  # (B * L,) per slot, or the sum over the real positions
+            if sync_free:
+                total, count = torch.where(positions.reshape(-1), loss, torch.zeros_like(loss)).sum(), positions.sum()
+            else:
+                total, count = loss, query_users.numel()
+            losses["next_item_loss"] = _mean(total, count, gather)
 
         if config.nicl_weight > 0 and self.nicl_text_head is not None:
             text = F.normalize(self.nicl_text_head(items.text_embeddings), dim=-1)  # (N, p)
