@@ -6,10 +6,18 @@ Two measurements on the platforms and feature cache of `benchmarks/transfer.py` 
     # zero-shot quality on the target every --every steps of a pre-training on every other platform
     python benchmarks/transfer_diagnosis.py pretraining --target amazon-office --steps 750 --every 125 \\
         --pretrain-lr 1e-4 --trainable-layers 0 --output pretraining.json
-    # one target-training run of a row (untrained / pre-trained start), every --every steps, optionally with the
-    # item encoder frozen (only the user encoder trains)
+    # one pre-training scored on both targets, on the platforms that are neither, saving the model at every
+    # evaluation (under the work dir: a model trained on the data stays outside the repository)
+    python benchmarks/transfer_diagnosis.py pretraining --target amazon-office --measure amazon-office hm \\
+        --sources amazon-beauty amazon-games movielens-1m movielens-100k --steps 2400 --every 400 \\
+        --save-dir /tmp/pmmrec_transfer/diagnosis-models --pretrain-lr 1e-3 --output pretraining.json
+    # one target-training run of a row (SASRec, untrained / pre-trained start: the run's pre-training or a saved
+    # --start), every --every steps, optionally with the item encoder frozen (only the user encoder trains)
     python benchmarks/transfer_diagnosis.py finetuning --target amazon-office --setting scratch --fraction 0.1 \\
         --lr 1e-4 --steps 96 --every 16 --freeze-item-encoder --quick --output finetuning.json
+    python benchmarks/transfer_diagnosis.py finetuning --target amazon-office --setting full --fraction 0.1 \\
+        --start /tmp/pmmrec_transfer/diagnosis-models/step-2400 --lr 1e-3 --steps 640 --every 32 --quick \\
+        --output finetuning-full.json
 
 Every other option is `benchmarks/transfer.py`'s (`--quick`, `--work-dir`, `--pretrain-steps`, ...). Each record
 (step, validation / test NDCG@10 and HR@10 on the target, co-occurrence AUC) is printed and appended to --output,
@@ -48,19 +56,34 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--steps", type=int, required=True, help="training steps of the measured run")
     parser.add_argument("--every", type=int, required=True, help="evaluate on the target every this many steps")
     parser.add_argument("--output", required=True, help="JSON list of the records (rewritten after each)")
-    parser.add_argument("--setting", default="scratch", choices=("scratch", "full", "item_encoder", "user_encoder"),
+    parser.add_argument("--setting", default="scratch", choices=("sasrec", "scratch", "full", "item_encoder", "user_encoder"),
                         help="finetuning: the row whose start is trained (its pre-trained model from the work dir)")
     parser.add_argument("--fraction", type=float, default=1.0, help="finetuning: target training-user fraction")
     parser.add_argument("--lr", type=float, default=1e-4, help="finetuning: learning rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--freeze-item-encoder", action="store_true",
                         help="finetuning: only the user encoder trains (the item embeddings stay the start's)")
+    parser.add_argument("--sources", nargs="+", default=None,
+                        help="pretraining: the platforms pre-trained on (default: every platform of the run but "
+                             "--target), e.g. the platforms that are no target at all, to measure one pre-training "
+                             "on every target with --measure")
+    parser.add_argument("--measure", nargs="+", default=None,
+                        help="pretraining: the targets scored at every evaluation (default: --target)")
+    parser.add_argument("--save-dir",
+                        help="pretraining: save the model at every evaluation into SAVE_DIR/step-N (under --work-dir "
+                             "or outside the repository: it is derived from the data)")
+    parser.add_argument("--start",
+                        help="finetuning: the pre-trained model folder (a --save-dir step) the transferred --setting "
+                             "starts from, instead of the run's own pre-training")
     own, rest = parser.parse_known_args(argv)
     for name in ("steps", "every"):
         if getattr(own, name) < 1:
             parser.error(f"--{name} must be a positive integer")
     if not 0 < own.fraction <= 1:
         parser.error(f"--fraction {own.fraction}: a fraction lies in (0, 1]")
+    if own.save_dir and Path(own.save_dir).resolve().is_relative_to(HERE.parent):
+        parser.error(f"--save-dir {own.save_dir} lies inside the repository: models derived from the data stay "
+                     "outside it.")
     return own, rest
 
 
@@ -77,21 +100,29 @@ def main(argv=None) -> list[dict]:
     own, rest = parse_args(argv)
     bench = _load_transfer()
     args = bench.parse_args(rest)  # the run's platforms and targets: transfer.py's defaults unless `rest` says
-    if own.target not in args.targets:
-        raise SystemExit(f"--target {own.target} is not a target of the run ({', '.join(args.targets)}): give the "
-                         f"run's targets with transfer.py's --target option after the measurement's options.")
+    measured = list(own.measure or [own.target]) if own.measurement == "pretraining" else [own.target]
+    for name in [own.target, *measured]:
+        if name not in args.targets:
+            raise SystemExit(f"{name} is not a target of the run ({', '.join(args.targets)}): give the run's targets "
+                             "with transfer.py's --target option after the measurement's options.")
+    sources = list(own.sources or [p for p in args.platforms if p != own.target])
+    for name in sources:
+        if name not in args.platforms or name in measured:
+            raise SystemExit(f"--sources {name}: a source is one of the run's platforms ({', '.join(args.platforms)}) "
+                             f"and no measured target ({', '.join(measured)})")
     bench.configure_logging(args)
     from pmmrec_hf.data.format import subset_users
     from pmmrec_hf.training import train
 
     start = time.perf_counter()
     platforms, cache, text_model, vision_model = bench.set_up(args, {})
-    context = bench.target_context(args, own.target, platforms, cache)
+    contexts = {name: bench.target_context(args, name, platforms, cache) for name in measured}
+    context = contexts[measured[0]]
     records: list[dict] = []
     output = Path(own.output)
 
-    def add(record: dict) -> None:
-        record = {"measurement": own.measurement, "target": own.target, **record}
+    def add(record: dict, target: str = measured[0]) -> None:
+        record = {"measurement": own.measurement, "target": target, **record}
         records.append(record)
         print(json.dumps(record), flush=True)
         temporary = output.with_name(output.name + ".tmp")
@@ -99,21 +130,26 @@ def main(argv=None) -> list[dict]:
         temporary.replace(output)
 
     untrained = bench.new_pmmrec(args, text_model, vision_model, "multimodal", bench.FINETUNE_OBJECTIVE, own.seed)
-    add({"model": "untrained", **_record(bench, 0, untrained, context, start)})
+    for name, target_context in contexts.items():
+        add({"model": "untrained", **_record(bench, 0, untrained, target_context, start)}, name)
     del untrained
     if own.measurement == "pretraining":
-        sources = [p for p in args.platforms if p != own.target]
         inputs = bench.pretraining_inputs(args, platforms, sources)
         model = bench.new_pmmrec(args, text_model, vision_model, "multimodal", bench.pretrain_objective(args), seed=0)
         label = {"model": "pre-training", "sources": sources, "pretrain_lr": args.pretrain_lr,
                  "users": inputs["users"]}
-        # the mixture's own evaluation is skipped (a few rows): the callback scores the target instead
+        # the mixture's own evaluation is skipped (a few rows): the callback scores the targets instead
         few_rows = [dict(platforms.mixture.validation[i]) for i in range(min(8, len(platforms.mixture.validation)))]
         config = bench.training_config(args, own.steps, args.pretrain_lr, 0, str(Path(args.work_dir) / "diagnosis"),
                                        eval_steps=own.every, replace_prob=0.1, shuffle_prob=0.1)
 
         def on_evaluate(step, metrics, unwrapped, embeddings):
-            add({**label, **_record(bench, step, unwrapped, context, start)})
+            saved = {}
+            if own.save_dir:
+                saved = {"saved": str(Path(own.save_dir) / f"step-{step}")}
+                unwrapped.save_pretrained(saved["saved"])
+            for name, target_context in contexts.items():
+                add({**label, **_record(bench, step, unwrapped, target_context, start), **saved}, name)
             return False
 
         train(model, inputs["train_rows"], inputs["collator"], config, eval_rows=few_rows,
@@ -121,17 +157,23 @@ def main(argv=None) -> list[dict]:
               on_evaluate=on_evaluate)
         return records
     pretrained = None
-    if own.setting != "scratch":
-        sources = [p for p in args.platforms if p != own.target]
+    transferred = own.setting not in ("sasrec", "scratch")
+    if own.start and transferred:
+        from pmmrec_hf.modeling_pmmrec import PMMRecModel
+
+        pretrained = PMMRecModel.from_pretrained(own.start).eval()
+    elif transferred:
         pretrained, _ = bench.pretrain(args, platforms, sources, cache, text_model, vision_model,
                                        Path(args.work_dir))
     model = bench.build_row_model(own.setting, args, pretrained, text_model, vision_model,
                                   len(context["ids_collator"].items), own.seed)
     if own.freeze_item_encoder:
+        if own.setting == "sasrec":
+            raise SystemExit("--freeze-item-encoder: SASRec has no item encoder (its item embeddings are ids)")
         for parameter in model.item_encoder.parameters():
             parameter.requires_grad_(False)
     rows = subset_users(context["data"]["train"], own.fraction, seed=own.seed)
-    label = {"model": own.setting, "fraction": own.fraction, "lr": own.lr,
+    label = {"model": own.setting, "start": own.start, "fraction": own.fraction, "lr": own.lr,
              "freeze_item_encoder": own.freeze_item_encoder, "train_users": len(rows)}
     config = bench.training_config(args, own.steps, own.lr, own.seed, str(Path(args.work_dir) / "diagnosis"),
                                    eval_steps=own.every)

@@ -307,3 +307,34 @@ def test_diagnosis_curves_start_from_the_untrained_model_and_a_frozen_item_encod
     trained = diagnosis.main(["finetuning", "--setting", "scratch", "--fraction", "1", "--lr", "1e-2", "--steps", "4",
                               "--every", "2", "--output", str(tmp_path / "t.json"), *common])
     assert len({r["co_occurrence_auc"] for r in trained}) > 1
+
+
+@pytest.mark.slow
+def test_diagnosis_pretraining_on_chosen_sources_scores_every_measured_target_and_a_saved_step_restarts_exactly(
+        tmp_path):
+    diagnosis = _load_diagnosis()
+    common = [*TINY, "--quick", "--work-dir", str(tmp_path / "work")]
+    saved = tmp_path / "work" / "models"
+    pre = diagnosis.main(["pretraining", "--target", "hm", "--measure", "hm", "amazon-office",
+                          "--sources", "movielens-100k", "amazon-beauty", "--steps", "4", "--every", "2",
+                          "--save-dir", str(saved), "--output", str(tmp_path / "p.json"), *common])
+    curve = [r for r in pre if r["model"] == "pre-training"]
+    assert [(r["step"], r["target"]) for r in curve] == [(s, t) for s in (0, 2, 4) for t in ("hm", "amazon-office")]
+    assert set(curve[0]["users"]) == {"movielens-100k", "amazon-beauty"}
+    assert all(r["saved"] == str(saved / f"step-{r['step']}") for r in curve)
+    # the transferred row started from a saved step scores, before training, what the pre-training recorded there
+    full = diagnosis.main(["finetuning", "--target", "amazon-office", "--setting", "full", "--start",
+                           str(saved / "step-4"), "--fraction", "1", "--lr", "1e-2", "--steps", "2", "--every", "2",
+                           "--output", str(tmp_path / "f.json"), *common])
+    at_4 = next(r for r in curve if r["step"] == 4 and r["target"] == "amazon-office")
+    assert full[1]["step"] == 0 and full[1]["validation"] == at_4["validation"] and full[1]["test"] == at_4["test"]
+    sasrec = diagnosis.main(["finetuning", "--target", "hm", "--setting", "sasrec", "--fraction", "1", "--lr", "1e-2",
+                             "--steps", "2", "--every", "2", "--output", str(tmp_path / "s.json"), *common])
+    assert sasrec[1]["model"] == "sasrec" and [r["step"] for r in sasrec[1:]] == [0, 2]
+    # bad requests are refused, naming the option
+    with pytest.raises(SystemExit, match="--sources hm"):
+        diagnosis.main(["pretraining", "--target", "hm", "--sources", "hm", "--steps", "2", "--every", "2",
+                        "--output", str(tmp_path / "x.json"), *common])
+    with pytest.raises(SystemExit):
+        diagnosis.main(["pretraining", "--target", "hm", "--steps", "2", "--every", "2", "--save-dir",
+                        str(diagnosis.HERE / "models"), "--output", str(tmp_path / "x.json"), *common])
