@@ -15,6 +15,13 @@ the old or the new complete version exists under one of the two names:
 
 A single file is written to a temporary sibling, flushed and ``os.replace``-d into place.
 
+One writer at a time: a folder write (:class:`AtomicFolder`, :class:`InPlaceWrite`) holds an exclusive lock
+on ``.<name>.pmmrec-lock`` (a sibling, ``fcntl.flock``; removed when the write ends) from ``begin`` to
+``commit`` / ``abort``. A second process writing the same target meanwhile gets a :class:`ConcurrentWriteError`
+naming the target and the lock, and touches nothing (it would otherwise delete the first one's temporary
+folder as a leftover). The lock dies with its process, so a killed write never blocks the next one. Where
+``fcntl`` is missing (Windows) there is no lock.
+
 A model folder (``save_pretrained``) may share its folder with other outputs (a training run's folder holds
 its checkpoints and logs too), so it is not swapped whole: :class:`InPlaceWrite` builds the files in a
 temporary sibling, records the write in ``<folder>/.pmmrec-writing.json``, moves the files it replaces
@@ -31,6 +38,7 @@ are counted in ``_hits``). It is a test hook; nothing else reads it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -39,6 +47,11 @@ import shutil
 import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +62,7 @@ WRITING_RECORD = ".pmmrec-writing.json"
 PREVIOUS_FOLDER = ".pmmrec-previous"
 TMP_SUFFIX = ".pmmrec-tmp"
 ASIDE_SUFFIX = ".pmmrec-old"
+LOCK_SUFFIX = ".pmmrec-lock"
 KILL_ENV = "PMMREC_TEST_KILL_AT"
 
 #: Every point of a write where a kill test stops the process (see the module docstring).
@@ -90,9 +104,61 @@ def aside_path(target: str | os.PathLike) -> Path:
     return target.with_name(f".{target.name}{ASIDE_SUFFIX}")
 
 
+def lock_path(target: str | os.PathLike) -> Path:
+    target = Path(target)
+    return target.with_name(f".{target.name}{LOCK_SUFFIX}")
+
+
 def is_work_name(name: str) -> bool:
-    """A temporary or aside folder of an atomic write (never a complete output under its own name)."""
-    return name.startswith(".") and (name.endswith((TMP_SUFFIX, ASIDE_SUFFIX)))
+    """A temporary or aside folder or the lock of an atomic write (never a complete output under its own name)."""
+    return name.startswith(".") and (name.endswith((TMP_SUFFIX, ASIDE_SUFFIX, LOCK_SUFFIX)))
+
+
+class ConcurrentWriteError(OSError):
+    """Another process is writing the same target right now (an OSError: the command-line tools report it as one
+    line, like a permission error)."""
+
+
+class WriteLock:
+    """The exclusive lock of one target's write (see the module docstring): ``acquire()`` raises
+    :class:`ConcurrentWriteError` at once when another process holds it; ``release()`` removes the lock file."""
+
+    def __init__(self, target: str | os.PathLike):
+        self.target = Path(target)
+        self.path = lock_path(self.target)
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if fcntl is None or self._fd is not None:
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as error:
+                os.close(fd)
+                if error.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise
+                raise ConcurrentWriteError(
+                    f"Another process is writing {self.target} right now (it holds {self.path}); nothing was "
+                    "written. Wait for it to finish, or write to another path.") from None
+            try:
+                current = os.stat(self.path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                self._fd = fd
+                return
+            os.close(fd)  # its holder removed that file as it released it: lock the new one
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
 
 
 def read_marker(folder: str | os.PathLike) -> dict | None:
@@ -201,18 +267,30 @@ class AtomicFolder:
         self.target = Path(target)
         self.path = tmp_path(self.target)
         self.carry_over = carry_over
+        self.lock = WriteLock(self.target)
 
     def begin(self) -> Path:
         if self.target.exists() and not self.target.is_dir():
             raise NotADirectoryError(f"{self.target} exists and is a file, not a folder: not writing over it.")
         self.target.parent.mkdir(parents=True, exist_ok=True)
-        recover(self.target)
-        self.path.mkdir()
+        self.lock.acquire()
+        try:
+            recover(self.target)
+            self.path.mkdir()
+        except BaseException:
+            self.lock.release()
+            raise
         boundary("folder_begun")
         return self.path
 
     def commit(self) -> Path:
         """Carry over, flush, write the marker, swap the folder in; returns the target."""
+        try:
+            return self._commit()
+        finally:
+            self.lock.release()
+
+    def _commit(self) -> Path:
         if self.carry_over is not None and self.target.is_dir():
             for old in _files(self.target):
                 rel = old.relative_to(self.target).as_posix()
@@ -242,7 +320,10 @@ class AtomicFolder:
         return self.target
 
     def abort(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            self.lock.release()
 
 
 @contextlib.contextmanager
@@ -351,19 +432,31 @@ class InPlaceWrite:
         self.target = Path(target)
         self.path = tmp_path(self.target)
         self.replaces = replaces
+        self.lock = WriteLock(self.target)
 
     def begin(self) -> Path:
         if self.target.exists() and not self.target.is_dir():
             raise NotADirectoryError(f"{self.target} exists and is a file, not a folder: not writing over it.")
         self.target.mkdir(parents=True, exist_ok=True)
-        recover_in_place(self.target)
-        if self.path.exists():
-            shutil.rmtree(self.path)
-        self.path.mkdir()
+        self.lock.acquire()
+        try:
+            recover_in_place(self.target)
+            if self.path.exists():
+                shutil.rmtree(self.path)
+            self.path.mkdir()
+        except BaseException:
+            self.lock.release()
+            raise
         boundary("folder_begun")
         return self.path
 
     def commit(self) -> Path:
+        try:
+            return self._commit()
+        finally:
+            self.lock.release()
+
+    def _commit(self) -> Path:
         new_files = [p.relative_to(self.path).as_posix() for p in _files(self.path)]
         new_files = [n for n in new_files if not _is_bookkeeping(n)]
         for name in new_files:
@@ -408,7 +501,10 @@ class InPlaceWrite:
         return self.target
 
     def abort(self) -> None:
-        shutil.rmtree(self.path, ignore_errors=True)
+        try:
+            shutil.rmtree(self.path, ignore_errors=True)
+        finally:
+            self.lock.release()
 
 
 @contextlib.contextmanager

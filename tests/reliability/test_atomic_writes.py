@@ -271,3 +271,79 @@ def test_resuming_from_an_incomplete_checkpoint_folder_names_it(training_data, t
     (tmp_path / "checkpoints" / "step_2").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"step_2 is not a complete checkpoint: it has no completeness marker"):
         _train(collator, rows, tmp_path, resume_from_checkpoint=str(tmp_path / "checkpoints" / "step_2"))
+
+
+# ---- one writer at a time ---------------------------------------------------------------------------
+
+
+HOLD_A_WRITE = """
+import sys
+from pmmrec_hf.atomic_io import AtomicFolder
+writer = AtomicFolder(sys.argv[1])
+(writer.begin() / "half-written.txt").write_text("not complete")
+print("begun", flush=True)
+sys.stdin.readline()
+writer.commit()
+print("committed", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_second_prepare_while_another_process_writes_the_folder_fails_clearly_and_touches_nothing(tmp_path):
+    """The user's path: `pmmrec-prepare --output out` while another process is in the middle of writing `out`
+    (found when two transfer benchmarks prepared one folder at once: the second deleted the first's temporary
+    folder and died on a FileNotFoundError)."""
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "inter.csv").write_text("user_id,item_id,timestamp\n" + "".join(
+        f"u{u},i{(u + j) % 5},{j}\n" for u in range(4) for j in range(4)))
+    (tmp_path / "src" / "items.csv").write_text("item_id,text\n" + "".join(f"i{k},item {k}\n" for k in range(5)))
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", "import sys; from pmmrec_hf.data.cli import main; sys.exit(main(sys.argv[1:]))",
+           "--interactions", str(tmp_path / "src" / "inter.csv"), "--items", str(tmp_path / "src" / "items.csv"),
+           "--output", str(out), "--no-progress"]
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_A_WRITE, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "begun"
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert second.returncode == 1, second.stderr[-2000:]
+        assert second.stderr.strip().splitlines()[-1] == (
+            f"pmmrec-prepare: error: Another process is writing {out} right now (it holds "
+            f"{atomic_io.lock_path(out)}); nothing was written. Wait for it to finish, or write to another path.")
+        assert (atomic_io.tmp_path(out) / "half-written.txt").is_file()  # the first write is untouched
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "committed"
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert holder.returncode == 0 and atomic_io.is_complete(out) and (out / "half-written.txt").is_file()
+    assert not atomic_io.lock_path(out).exists()  # the lock goes with the write
+    assert cli.main(cmd[3:] + ["--overwrite"]) == 0  # once the first write is done, writing it works as usual
+    assert len(load_prepared(out, split="test", cache_dir=tmp_path / "c")) == 4 and _leftovers(out) == []
+
+
+def test_a_write_lock_is_exclusive_across_processes_and_freed_when_its_holder_dies(tmp_path):
+    target = tmp_path / "model"
+    lock = atomic_io.WriteLock(target)
+    lock.acquire()
+    try:
+        probe = ("import sys\nfrom pmmrec_hf.atomic_io import InPlaceWrite, ConcurrentWriteError\n"
+                 "try:\n    InPlaceWrite(sys.argv[1]).begin()\nexcept ConcurrentWriteError as e:\n"
+                 "    print('refused', e)\nelse:\n    print('began')\n")
+        result = subprocess.run([sys.executable, "-c", probe, str(target)], capture_output=True, text=True,
+                                timeout=120)
+        assert result.stdout.startswith(f"refused Another process is writing {target} right now"), result.stderr
+        assert not atomic_io.tmp_path(target).exists()  # refused before touching anything
+    finally:
+        lock.release()
+    assert not atomic_io.lock_path(target).exists()
+    # a holder killed mid-write leaves its lock file, but not its lock: the next write proceeds and cleans up
+    env = {**os.environ, atomic_io.KILL_ENV: "folder_begun"}
+    killed = subprocess.run([sys.executable, "-c", HOLD_A_WRITE, str(target)], capture_output=True, text=True,
+                            timeout=120, env=env, stdin=subprocess.DEVNULL)
+    assert killed.returncode == -signal.SIGKILL and atomic_io.lock_path(target).exists()
+    with atomic_io.atomic_folder(target) as tmp:
+        (tmp / "x.txt").write_text("complete")
+    assert atomic_io.is_complete(target) and _leftovers(target) == []
