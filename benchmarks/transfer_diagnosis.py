@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where transfer is lost: validation/test curves of pre-training and of target training (benchmarks/TRANSFER.md).
 
-Two measurements on the platforms and feature cache of `benchmarks/transfer.py` (same work dir, same options):
+Three measurements on the platforms and feature cache of `benchmarks/transfer.py` (same work dir, same options):
 
     # zero-shot quality on the target every --every steps of a pre-training on every other platform
     python benchmarks/transfer_diagnosis.py pretraining --target amazon-office --steps 750 --every 125 \\
@@ -18,6 +18,10 @@ Two measurements on the platforms and feature cache of `benchmarks/transfer.py` 
     python benchmarks/transfer_diagnosis.py finetuning --target amazon-office --setting full --fraction 0.1 \\
         --start /tmp/pmmrec_transfer/diagnosis-models/step-2400 --lr 1e-3 --steps 640 --every 32 --quick \\
         --output finetuning-full.json
+    # which transferred part helps or hurts: the pre-trained model and each of its encoders with the other one
+    # untrained, on the target, with the mean cosine of two target items
+    python benchmarks/transfer_diagnosis.py components --target amazon-office \\
+        --start /tmp/pmmrec_transfer/diagnosis-models/step-800 --quick --output components.json
 
 Every other option is `benchmarks/transfer.py`'s (`--quick`, `--work-dir`, `--pretrain-steps`, ...). Each record
 (step, validation / test NDCG@10 and HR@10 on the target, co-occurrence AUC) is printed and appended to --output,
@@ -50,11 +54,12 @@ def _load_transfer():
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("measurement", choices=("pretraining", "finetuning"))
+    parser.add_argument("measurement", choices=("pretraining", "finetuning", "components"))
     parser.add_argument("--target", required=True,
                         help="the measured target (left out of pre-training); one of the run's targets")
-    parser.add_argument("--steps", type=int, required=True, help="training steps of the measured run")
-    parser.add_argument("--every", type=int, required=True, help="evaluate on the target every this many steps")
+    parser.add_argument("--steps", type=int, help="training steps of the measured run (pretraining, finetuning)")
+    parser.add_argument("--every", type=int, help="evaluate on the target every this many steps (pretraining, "
+                                                   "finetuning)")
     parser.add_argument("--output", required=True, help="JSON list of the records (rewritten after each)")
     parser.add_argument("--setting", default="scratch", choices=("sasrec", "scratch", "full", "item_encoder", "user_encoder"),
                         help="finetuning: the row whose start is trained (its pre-trained model from the work dir)")
@@ -73,12 +78,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                         help="pretraining: save the model at every evaluation into SAVE_DIR/step-N (under --work-dir "
                              "or outside the repository: it is derived from the data)")
     parser.add_argument("--start",
-                        help="finetuning: the pre-trained model folder (a --save-dir step) the transferred --setting "
-                             "starts from, instead of the run's own pre-training")
+                        help="finetuning, components: the pre-trained model folder (a --save-dir step) used instead "
+                             "of the run's own pre-training")
     own, rest = parser.parse_known_args(argv)
-    for name in ("steps", "every"):
-        if getattr(own, name) < 1:
-            parser.error(f"--{name} must be a positive integer")
+    for name in ("steps", "every") if own.measurement != "components" else ():
+        if getattr(own, name) is None or getattr(own, name) < 1:
+            parser.error(f"{own.measurement}: --{name} must be a positive integer")
     if not 0 < own.fraction <= 1:
         parser.error(f"--fraction {own.fraction}: a fraction lies in (0, 1]")
     if own.save_dir and Path(own.save_dir).resolve().is_relative_to(HERE.parent):
@@ -94,6 +99,32 @@ def _record(bench, step, model, context, start) -> dict:
     return {"step": step, "validation": {k: val[k] for k in ("ndcg@10", "hr@10")},
             "test": {k: test[k] for k in ("ndcg@10", "hr@10")}, "co_occurrence_auc": auc,
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _mean_item_cosine(bench, model, context) -> float:
+    """Mean cosine similarity of two distinct catalogue items of the target (how collapsed its item embeddings are)."""
+    import torch
+    from pmmrec_hf.training import encode_catalogue
+
+    embeddings = encode_catalogue(model, context["ids_collator"], 256, torch.device("cpu"), feature_cache=context["view"])
+    unit = torch.nn.functional.normalize(embeddings.double(), dim=-1)
+    n = unit.shape[0]
+    return float((unit.sum(0).square().sum() - n) / (n * (n - 1)))
+
+
+def _components(own, bench, pretrained, untrained, context, add, start) -> None:
+    """Which transferred part helps or hurts: the pre-trained model, and each of its encoders alone with the other
+    one untrained (what `scratch` starts from), scored on the target like every record."""
+    import copy
+
+    item_only, user_only = copy.deepcopy(untrained), copy.deepcopy(untrained)
+    item_only.item_encoder.load_state_dict(pretrained.item_encoder.state_dict())
+    user_only.user_encoder.load_state_dict(pretrained.user_encoder.state_dict())
+    for label, model in (("untrained", untrained), ("pre-trained", pretrained),
+                         ("pre-trained item encoder + untrained user encoder", item_only),
+                         ("untrained item encoder + pre-trained user encoder", user_only)):
+        add({"model": label, "start": own.start, **_record(bench, 0, model, context, start),
+             "mean_item_cosine": _mean_item_cosine(bench, model, context)})
 
 
 def main(argv=None) -> list[dict]:
@@ -130,6 +161,16 @@ def main(argv=None) -> list[dict]:
         temporary.replace(output)
 
     untrained = bench.new_pmmrec(args, text_model, vision_model, "multimodal", bench.FINETUNE_OBJECTIVE, own.seed)
+    if own.measurement == "components":
+        if own.start:
+            from pmmrec_hf.modeling_pmmrec import PMMRecModel
+
+            pretrained = PMMRecModel.from_pretrained(own.start).eval()
+        else:
+            pretrained, _ = bench.pretrain(args, platforms, sources, cache, text_model, vision_model,
+                                           Path(args.work_dir))
+        _components(own, bench, pretrained, untrained.eval(), context, add, start)
+        return records
     for name, target_context in contexts.items():
         add({"model": "untrained", **_record(bench, 0, untrained, target_context, start)}, name)
     del untrained

@@ -338,3 +338,28 @@ def test_diagnosis_pretraining_on_chosen_sources_scores_every_measured_target_an
     with pytest.raises(SystemExit):
         diagnosis.main(["pretraining", "--target", "hm", "--steps", "2", "--every", "2", "--save-dir",
                         str(diagnosis.HERE / "models"), "--output", str(tmp_path / "x.json"), *common])
+
+
+@pytest.mark.slow
+def test_diagnosis_components_swap_one_encoder_at_a_time(tmp_path):
+    diagnosis = _load_diagnosis()
+    common = [*TINY, "--quick", "--work-dir", str(tmp_path / "work")]
+    saved = tmp_path / "work" / "models"
+    pre = diagnosis.main(["pretraining", "--target", "hm", "--steps", "4", "--every", "4", "--save-dir", str(saved),
+                          "--output", str(tmp_path / "p.json"), *common])
+    parts = diagnosis.main(["components", "--target", "hm", "--start", str(saved / "step-4"),
+                            "--output", str(tmp_path / "c.json"), *common])
+    by = {r["model"]: r for r in parts}
+    untrained, pretrained = by["untrained"], by["pre-trained"]
+    item_only = by["pre-trained item encoder + untrained user encoder"]
+    user_only = by["untrained item encoder + pre-trained user encoder"]
+    at_4 = next(r for r in pre if r["model"] == "pre-training" and r["step"] == 4)
+    assert pretrained["validation"] == at_4["validation"] and untrained["validation"] == pre[0]["validation"]
+    # the co-occurrence AUC and the item cosine are the item encoder's: they follow it, not the user encoder
+    assert item_only["co_occurrence_auc"] == pretrained["co_occurrence_auc"] != untrained["co_occurrence_auc"]
+    assert user_only["co_occurrence_auc"] == untrained["co_occurrence_auc"]
+    assert item_only["mean_item_cosine"] == pretrained["mean_item_cosine"]
+    assert user_only["mean_item_cosine"] == untrained["mean_item_cosine"]
+    assert -1.0 <= untrained["mean_item_cosine"] <= 1.0
+    with pytest.raises(SystemExit):
+        diagnosis.main(["finetuning", "--target", "hm", "--output", str(tmp_path / "x.json"), *common])  # no --steps
