@@ -97,18 +97,24 @@ def test_prepared_dataset_without_its_marker_is_refused_clearly(tmp_path):
         load_items(folder)
 
 
-@pytest.mark.slow
-def test_a_killed_cli_reimport_keeps_the_previous_dataset(tmp_path):
-    """The user's path: `pmmrec-prepare` in its own process, SIGKILLed between moving the old version aside
-    and moving the new one in; the old dataset still loads, and the next run completes the new one."""
+def _prepare_command(tmp_path: Path, out: Path) -> list[str]:
+    """`pmmrec-prepare` of a small interactions + items CSV pair (written under tmp_path/src) into `out`, as a
+    command line of its own process (``cmd[3:]`` are the CLI's arguments)."""
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "inter.csv").write_text("user_id,item_id,timestamp\n" + "".join(
         f"u{u},i{(u + j) % 5},{j}\n" for u in range(4) for j in range(4)))
     (tmp_path / "src" / "items.csv").write_text("item_id,text\n" + "".join(f"i{k},item {k}\n" for k in range(5)))
+    return [sys.executable, "-c", "import sys; from pmmrec_hf.data.cli import main; sys.exit(main(sys.argv[1:]))",
+            "--interactions", str(tmp_path / "src" / "inter.csv"), "--items", str(tmp_path / "src" / "items.csv"),
+            "--output", str(out), "--no-progress"]
+
+
+@pytest.mark.slow
+def test_a_killed_cli_reimport_keeps_the_previous_dataset(tmp_path):
+    """The user's path: `pmmrec-prepare` in its own process, SIGKILLed between moving the old version aside
+    and moving the new one in; the old dataset still loads, and the next run completes the new one."""
     out = tmp_path / "out"
-    cmd = [sys.executable, "-c", "import sys; from pmmrec_hf.data.cli import main; sys.exit(main(sys.argv[1:]))",
-           "--interactions", str(tmp_path / "src" / "inter.csv"), "--items", str(tmp_path / "src" / "items.csv"),
-           "--output", str(out), "--no-progress"]
+    cmd = _prepare_command(tmp_path, out)
     assert cli.main(cmd[3:] + ["--name", "old"]) == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1", atomic_io.KILL_ENV: "after_rename_aside"}
     killed = subprocess.run(cmd + ["--name", "new"], capture_output=True, text=True, timeout=300, env=env)
@@ -293,14 +299,8 @@ def test_a_second_prepare_while_another_process_writes_the_folder_fails_clearly_
     """The user's path: `pmmrec-prepare --output out` while another process is in the middle of writing `out`
     (found when two transfer benchmarks prepared one folder at once: the second deleted the first's temporary
     folder and died on a FileNotFoundError)."""
-    (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "inter.csv").write_text("user_id,item_id,timestamp\n" + "".join(
-        f"u{u},i{(u + j) % 5},{j}\n" for u in range(4) for j in range(4)))
-    (tmp_path / "src" / "items.csv").write_text("item_id,text\n" + "".join(f"i{k},item {k}\n" for k in range(5)))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-c", "import sys; from pmmrec_hf.data.cli import main; sys.exit(main(sys.argv[1:]))",
-           "--interactions", str(tmp_path / "src" / "inter.csv"), "--items", str(tmp_path / "src" / "items.csv"),
-           "--output", str(out), "--no-progress"]
+    cmd = _prepare_command(tmp_path, out)
     holder = subprocess.Popen([sys.executable, "-c", HOLD_A_WRITE, str(out)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
     try:
