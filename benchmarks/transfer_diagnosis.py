@@ -61,7 +61,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--every", type=int, help="evaluate on the target every this many steps (pretraining, "
                                                    "finetuning)")
     parser.add_argument("--output", required=True, help="JSON list of the records (rewritten after each)")
-    parser.add_argument("--setting", default="scratch", choices=("sasrec", "scratch", "full", "item_encoder", "user_encoder"),
+    parser.add_argument("--setting", default="scratch",
+                        choices=("sasrec", "scratch", "full", "item_encoder", "user_encoder"),
                         help="finetuning: the row whose start is trained (its pre-trained model from the work dir)")
     parser.add_argument("--fraction", type=float, default=1.0, help="finetuning: target training-user fraction")
     parser.add_argument("--lr", type=float, default=1e-4, help="finetuning: learning rate")
@@ -106,7 +107,8 @@ def _mean_item_cosine(bench, model, context) -> float:
     import torch
     from pmmrec_hf.training import encode_catalogue
 
-    embeddings = encode_catalogue(model, context["ids_collator"], 256, torch.device("cpu"), feature_cache=context["view"])
+    embeddings = encode_catalogue(model, context["ids_collator"], 256, torch.device("cpu"),
+                                  feature_cache=context["view"])
     unit = torch.nn.functional.normalize(embeddings.double(), dim=-1)
     n = unit.shape[0]
     return float((unit.sum(0).square().sum() - n) / (n * (n - 1)))
