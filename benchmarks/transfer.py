@@ -104,11 +104,11 @@ SINGLE_SOURCE = {"hm": ("movielens-1m",), "amazon-office": ("amazon-beauty", "am
 SYNTHETIC_SEEDS = {"movielens-100k": 0, "movielens-1m": 3, "hm": 1, "amazon-office": 2, "amazon-beauty": 4,
                    "amazon-games": 5}
 FINETUNE_OBJECTIVE = dict(next_item_weight=1.0, nicl_weight=0.0, nid_weight=0.0, rcl_weight=0.0)
-# The tuning budget follows the diagnosis (TRANSFER.md, item 8): at lr 3e-4 with 5 evaluations every row was still
+# The tuning budget follows the diagnosis (TRANSFER.md, diagnosis item 5): at lr 3e-4 with 5 evaluations every row was still
 # in its first epochs (Office `scratch` 100%: validation NDCG@10 0.0389 untrained, 0.0389 at step 150, 0.0715 at
 # step 1200 with lr 1e-3); lr 1e-3 with patience 3 lets a row pass its first dip and stop after its peak. Of the
 # transferred rows the quick variant keeps `item_encoder`: the pre-trained user encoder is the part that transfers
-# negatively (item 8).
+# negatively (diagnosis item 7).
 QUICK = dict(fractions=[0.1, 0.25], seeds=[0], pretrain_steps=300, max_users_per_source=250, learning_rates=[1e-3],
              patience=3, max_evaluations=24, min_eval_steps=16, max_eval_steps=40, single_source=False,
              trainable_layers=0, settings=[s for s in SETTINGS if s not in ("full", "user_encoder", "full_lora")])
@@ -578,8 +578,11 @@ def training_config(args, steps, lr, seed, out, eval_steps=0, **extra) -> Traini
                           tower_learning_rate=args.tower_learning_rate, **extra)
 
 
-def evaluate_splits(model, data, collator, cache, pairs=None) -> tuple[dict, dict, float | None]:
-    embeddings = encode_catalogue(model, collator, 256, torch.device("cpu"), feature_cache=cache)
+def evaluate_splits(model, data, collator, cache, pairs=None, embeddings=None) -> tuple[dict, dict, float | None]:
+    """Validation and test metrics and the co-occurrence AUC from one catalogue embedding (`embeddings`, or
+    computed here)."""
+    if embeddings is None:
+        embeddings = encode_catalogue(model, collator, 256, torch.device("cpu"), feature_cache=cache)
     val = evaluate_model(model, collator, data["validation"], ks=KS, item_embeddings=embeddings,
                          repeated_targets=PROTOCOL["repeated_targets"])
     test = evaluate_model(model, collator, data["test"], ks=KS, item_embeddings=embeddings,

@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+UNTRANSFERRED = ("sasrec", "scratch")  # finetuning rows that start from no pre-trained model
 
 
 def _load_transfer():
@@ -87,31 +88,50 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
             parser.error(f"{own.measurement}: --{name} must be a positive integer")
     if not 0 < own.fraction <= 1:
         parser.error(f"--fraction {own.fraction}: a fraction lies in (0, 1]")
+    only = {"measure": ("pretraining",), "save_dir": ("pretraining",), "start": ("finetuning", "components"),
+            "freeze_item_encoder": ("finetuning",)}
+    for name, measurements in only.items():
+        if getattr(own, name) and own.measurement not in measurements:
+            parser.error(f"--{name.replace('_', '-')} is an option of {' / '.join(measurements)}, not of "
+                         f"{own.measurement}")
+    if own.measurement == "finetuning" and own.start and own.setting in UNTRANSFERRED:
+        parser.error(f"--start: the {own.setting} row starts from no pre-trained model (give a transferred --setting)")
+    if own.freeze_item_encoder and own.setting == "sasrec":
+        parser.error("--freeze-item-encoder: SASRec has no item encoder (its item embeddings are ids)")
     if own.save_dir and Path(own.save_dir).resolve().is_relative_to(HERE.parent):
         parser.error(f"--save-dir {own.save_dir} lies inside the repository: models derived from the data stay "
                      "outside it.")
     return own, rest
 
 
-def _record(bench, step, model, context, start) -> dict:
-    model.eval()
-    val, test, auc = bench.evaluate_splits(model, context["data"], context["ids_collator"], context["view"],
-                                           context["pairs"])
-    return {"step": step, "validation": {k: val[k] for k in ("ndcg@10", "hr@10")},
-            "test": {k: test[k] for k in ("ndcg@10", "hr@10")}, "co_occurrence_auc": auc,
-            "seconds": round(time.perf_counter() - start, 1)}
-
-
-def _mean_item_cosine(bench, model, context) -> float:
-    """Mean cosine similarity of two distinct catalogue items of the target (how collapsed its item embeddings are)."""
+def _record(bench, step, model, context, start, item_cosine: bool = False) -> dict:
+    """Validation / test NDCG@10 and HR@10 and the co-occurrence AUC of `model` on the target (and, with
+    `item_cosine`, the mean cosine of two distinct target items: how collapsed its item embeddings are), from one
+    catalogue embedding."""
     import torch
     from pmmrec_hf.training import encode_catalogue
 
+    model.eval()
     embeddings = encode_catalogue(model, context["ids_collator"], 256, torch.device("cpu"),
                                   feature_cache=context["view"])
-    unit = torch.nn.functional.normalize(embeddings.double(), dim=-1)
-    n = unit.shape[0]
-    return float((unit.sum(0).square().sum() - n) / (n * (n - 1)))
+    val, test, auc = bench.evaluate_splits(model, context["data"], context["ids_collator"], context["view"],
+                                           context["pairs"], embeddings=embeddings)
+    record = {"step": step, "validation": {k: val[k] for k in ("ndcg@10", "hr@10")},
+              "test": {k: test[k] for k in ("ndcg@10", "hr@10")}, "co_occurrence_auc": auc}
+    if item_cosine:
+        unit = torch.nn.functional.normalize(embeddings.double(), dim=-1)
+        n = unit.shape[0]
+        record["mean_item_cosine"] = float((unit.sum(0).square().sum() - n) / (n * (n - 1)))
+    return {**record, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _pretrained(own, bench, args, platforms, sources, cache, text_model, vision_model):
+    """The pre-trained model measured: the saved `--start` folder, or the run's own pre-training on `sources`."""
+    if own.start:
+        from pmmrec_hf.modeling_pmmrec import PMMRecModel
+
+        return PMMRecModel.from_pretrained(own.start).eval()
+    return bench.pretrain(args, platforms, sources, cache, text_model, vision_model, Path(args.work_dir))[0]
 
 
 def _components(own, bench, pretrained, untrained, context, add, start) -> None:
@@ -125,8 +145,7 @@ def _components(own, bench, pretrained, untrained, context, add, start) -> None:
     for label, model in (("untrained", untrained), ("pre-trained", pretrained),
                          ("pre-trained item encoder + untrained user encoder", item_only),
                          ("untrained item encoder + pre-trained user encoder", user_only)):
-        add({"model": label, "start": own.start, **_record(bench, 0, model, context, start),
-             "mean_item_cosine": _mean_item_cosine(bench, model, context)})
+        add({"model": label, "start": own.start, **_record(bench, 0, model, context, start, item_cosine=True)})
 
 
 def main(argv=None) -> list[dict]:
@@ -164,13 +183,7 @@ def main(argv=None) -> list[dict]:
 
     untrained = bench.new_pmmrec(args, text_model, vision_model, "multimodal", bench.FINETUNE_OBJECTIVE, own.seed)
     if own.measurement == "components":
-        if own.start:
-            from pmmrec_hf.modeling_pmmrec import PMMRecModel
-
-            pretrained = PMMRecModel.from_pretrained(own.start).eval()
-        else:
-            pretrained, _ = bench.pretrain(args, platforms, sources, cache, text_model, vision_model,
-                                           Path(args.work_dir))
+        pretrained = _pretrained(own, bench, args, platforms, sources, cache, text_model, vision_model)
         _components(own, bench, pretrained, untrained.eval(), context, add, start)
         return records
     for name, target_context in contexts.items():
@@ -200,19 +213,11 @@ def main(argv=None) -> list[dict]:
               on_evaluate=on_evaluate)
         return records
     pretrained = None
-    transferred = own.setting not in ("sasrec", "scratch")
-    if own.start and transferred:
-        from pmmrec_hf.modeling_pmmrec import PMMRecModel
-
-        pretrained = PMMRecModel.from_pretrained(own.start).eval()
-    elif transferred:
-        pretrained, _ = bench.pretrain(args, platforms, sources, cache, text_model, vision_model,
-                                       Path(args.work_dir))
+    if own.setting not in UNTRANSFERRED:
+        pretrained = _pretrained(own, bench, args, platforms, sources, cache, text_model, vision_model)
     model = bench.build_row_model(own.setting, args, pretrained, text_model, vision_model,
                                   len(context["ids_collator"].items), own.seed)
     if own.freeze_item_encoder:
-        if own.setting == "sasrec":
-            raise SystemExit("--freeze-item-encoder: SASRec has no item encoder (its item embeddings are ids)")
         for parameter in model.item_encoder.parameters():
             parameter.requires_grad_(False)
     rows = subset_users(context["data"]["train"], own.fraction, seed=own.seed)

@@ -341,7 +341,7 @@ def test_diagnosis_pretraining_on_chosen_sources_scores_every_measured_target_an
 
 
 @pytest.mark.slow
-def test_diagnosis_components_swap_one_encoder_at_a_time(tmp_path):
+def test_diagnosis_components_swap_one_encoder_at_a_time(tmp_path, capsys):
     diagnosis = _load_diagnosis()
     common = [*TINY, "--quick", "--work-dir", str(tmp_path / "work")]
     saved = tmp_path / "work" / "models"
@@ -363,3 +363,13 @@ def test_diagnosis_components_swap_one_encoder_at_a_time(tmp_path):
     assert -1.0 <= untrained["mean_item_cosine"] <= 1.0
     with pytest.raises(SystemExit):
         diagnosis.main(["finetuning", "--target", "hm", "--output", str(tmp_path / "x.json"), *common])  # no --steps
+
+    # options that would be ignored are refused, before any work (argparse exits 2, naming the option)
+    x = ["--output", str(tmp_path / "x.json"), *common]
+    for argv, option in ((["finetuning", "--setting", "scratch", "--start", str(saved / "step-4")], "--start"),
+                         (["finetuning", "--measure", "hm"], "--measure"),
+                         (["components", "--save-dir", str(saved)], "--save-dir"),
+                         (["finetuning", "--setting", "sasrec", "--freeze-item-encoder"], "--freeze-item-encoder")):
+        with pytest.raises(SystemExit) as refused:
+            diagnosis.main([*argv, "--target", "hm", "--steps", "2", "--every", "2", *x])
+        assert refused.value.code == 2 and option in capsys.readouterr().err.splitlines()[-1], option
