@@ -601,23 +601,28 @@ def eval_interval(args, num_train_users: int) -> tuple[int, int]:
     return per_epoch, min(per_epoch, max(args.max_eval_steps, args.min_eval_steps))
 
 
-def fit_with_patience(model, train_rows, data, collator, cache, config, pairs, patience: int) -> dict:
-    """Train at a constant lr, scoring validation (and test, from the same catalogue embedding) every
-    `config.eval_steps` steps and before training; stop after --patience evaluations without a better validation
-    NDCG@10 or at `config.max_steps`. With a constant schedule the model at step s of this run is what an s-step
-    run gives, so one run covers the whole step grid of its lr. Returns {"points", "train_seconds", "steps",
-    "stopped_early"}."""
+def fit_with_patience(model, train_rows, data, collator, cache, config, pairs, patience: int,
+                      test_every_point: bool = False) -> dict:
+    """Train at a constant lr, scoring validation every `config.eval_steps` steps and before training; stop after
+    --patience evaluations without a better validation NDCG@10 or at `config.max_steps`. With a constant schedule
+    the model at step s of this run is what an s-step run gives, so one run covers the whole step grid of its lr.
+    Test is scored (from the same catalogue embedding) at every trained point that is the run's best on validation
+    so far, the only points a row can report (see `train_row`), or at every point with `test_every_point` (a
+    curve); the other points have ``"test": None``. Returns {"points", "train_seconds", "steps", "stopped_early"}."""
     points, best = [], {"value": -1.0, "stale": 0}
 
     def on_evaluate(step, validation, unwrapped, item_embeddings):
-        test = evaluate_model(unwrapped, collator, data["test"], ks=KS, item_embeddings=item_embeddings,
-                              repeated_targets=PROTOCOL["repeated_targets"])
-        points.append({"step": step, "validation": {k: validation[k] for k in METRICS},
-                       "test": {k: test[k] for k in METRICS},
+        improved = step > 0 and validation["ndcg@10"] > best["value"]
+        test = None
+        if improved or test_every_point:
+            scores = evaluate_model(unwrapped, collator, data["test"], ks=KS, item_embeddings=item_embeddings,
+                                    repeated_targets=PROTOCOL["repeated_targets"])
+            test = {k: scores[k] for k in METRICS}
+        points.append({"step": step, "validation": {k: validation[k] for k in METRICS}, "test": test,
                        "co_occurrence_auc": co_occurrence_auc(item_embeddings, *pairs)})
         if step == 0:
             return False
-        if validation["ndcg@10"] > best["value"]:
+        if improved:
             best.update(value=validation["ndcg@10"], stale=0)
         else:
             best["stale"] += 1
@@ -667,8 +672,8 @@ def train_row(args, setting, model_factory, train_rows, data, collator, cache, p
         fitted = fit_with_patience(model, train_rows, data, collator, cache, config, pairs, args.patience)
         grid_seconds += fitted["train_seconds"]
         grid_steps += fitted["steps"]
-        curves[f"{lr:g}"] = [(p["step"], p["validation"]["ndcg@10"], p["test"]["ndcg@10"], p["co_occurrence_auc"])
-                             for p in fitted["points"]]
+        curves[f"{lr:g}"] = [(p["step"], p["validation"]["ndcg@10"], p["test"] and p["test"]["ndcg@10"],
+                              p["co_occurrence_auc"]) for p in fitted["points"]]
         trained_points = [p for p in fitted["points"] if p["step"] > 0]
         last_step = trained_points[-1]["step"] if trained_points else 0
         for point in trained_points:

@@ -69,7 +69,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--lr", type=float, default=1e-4, help="finetuning: learning rate")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--freeze-item-encoder", action="store_true",
-                        help="finetuning: only the user encoder trains (the item embeddings stay the start's)")
+                        help="finetuning, pretraining: only the user encoder trains (the item embeddings stay the "
+                             "start's; in pre-training, the untrained item encoder's: a user encoder learned over "
+                             "the backbones' own similarity structure)")
     parser.add_argument("--sources", nargs="+", default=None,
                         help="pretraining: the platforms pre-trained on (default: every platform of the run but "
                              "--target), e.g. the platforms that are no target at all, to measure one pre-training "
@@ -89,14 +91,14 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     if not 0 < own.fraction <= 1:
         parser.error(f"--fraction {own.fraction}: a fraction lies in (0, 1]")
     only = {"measure": ("pretraining",), "save_dir": ("pretraining",), "start": ("finetuning", "components"),
-            "freeze_item_encoder": ("finetuning",)}
+            "freeze_item_encoder": ("finetuning", "pretraining")}
     for name, measurements in only.items():
         if getattr(own, name) and own.measurement not in measurements:
             parser.error(f"--{name.replace('_', '-')} is an option of {' / '.join(measurements)}, not of "
                          f"{own.measurement}")
     if own.measurement == "finetuning" and own.start and own.setting in UNTRANSFERRED:
         parser.error(f"--start: the {own.setting} row starts from no pre-trained model (give a transferred --setting)")
-    if own.freeze_item_encoder and own.setting == "sasrec":
+    if own.freeze_item_encoder and own.measurement == "finetuning" and own.setting == "sasrec":
         parser.error("--freeze-item-encoder: SASRec has no item encoder (its item embeddings are ids)")
     if own.save_dir and Path(own.save_dir).resolve().is_relative_to(HERE.parent):
         parser.error(f"--save-dir {own.save_dir} lies inside the repository: models derived from the data stay "
@@ -123,6 +125,11 @@ def _record(bench, step, model, context, start, item_cosine: bool = False) -> di
         n = unit.shape[0]
         record["mean_item_cosine"] = float((unit.sum(0).square().sum() - n) / (n * (n - 1)))
     return {**record, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def _freeze(module) -> None:
+    for parameter in module.parameters():
+        parameter.requires_grad_(False)
 
 
 def _pretrained(own, bench, args, platforms, sources, cache, text_model, vision_model):
@@ -192,8 +199,10 @@ def main(argv=None) -> list[dict]:
     if own.measurement == "pretraining":
         inputs = bench.pretraining_inputs(args, platforms, sources)
         model = bench.new_pmmrec(args, text_model, vision_model, "multimodal", bench.pretrain_objective(args), seed=0)
+        if own.freeze_item_encoder:
+            _freeze(model.item_encoder)
         label = {"model": "pre-training", "sources": sources, "pretrain_lr": args.pretrain_lr,
-                 "users": inputs["users"]}
+                 "users": inputs["users"], "freeze_item_encoder": own.freeze_item_encoder}
         # the mixture's own evaluation is skipped (a few rows): the callback scores the targets instead
         few_rows = [dict(platforms.mixture.validation[i]) for i in range(min(8, len(platforms.mixture.validation)))]
         config = bench.training_config(args, own.steps, args.pretrain_lr, 0, str(Path(args.work_dir) / "diagnosis"),
@@ -218,15 +227,14 @@ def main(argv=None) -> list[dict]:
     model = bench.build_row_model(own.setting, args, pretrained, text_model, vision_model,
                                   len(context["ids_collator"].items), own.seed)
     if own.freeze_item_encoder:
-        for parameter in model.item_encoder.parameters():
-            parameter.requires_grad_(False)
+        _freeze(model.item_encoder)
     rows = subset_users(context["data"]["train"], own.fraction, seed=own.seed)
     label = {"model": own.setting, "start": own.start, "fraction": own.fraction, "lr": own.lr,
              "freeze_item_encoder": own.freeze_item_encoder, "train_users": len(rows)}
     config = bench.training_config(args, own.steps, own.lr, own.seed, str(Path(args.work_dir) / "diagnosis"),
                                    eval_steps=own.every)
     curve = bench.fit_with_patience(model, rows, context["data"], context["ids_collator"], context["view"], config,
-                                    context["pairs"], patience=own.steps + 1)
+                                    context["pairs"], patience=own.steps + 1, test_every_point=True)
     for point in curve["points"]:
         add({**label, "step": point["step"],
              "validation": {k: point["validation"][k] for k in ("ndcg@10", "hr@10")},
