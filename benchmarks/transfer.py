@@ -117,8 +117,8 @@ FULL = dict(fractions=[0.1, 0.25, 1.0], seeds=[0, 1, 2], pretrain_steps=3000, ma
             single_source=True, trainable_layers=1, settings=list(SETTINGS))
 # options that define the protocol's results (a resumed run must match them)
 PROTOCOL_KEYS = ("targets", "platforms", "single_source", "single_source_rows", "fractions", "trainable_layers",
-                 "tower_learning_rate", "learning_rates", "patience", "max_evaluations", "min_eval_steps",
-                 "max_eval_steps", "batch_size",
+                 "tower_learning_rate", "learning_rates", "warmup_steps", "patience", "max_evaluations",
+                 "min_eval_steps", "max_eval_steps", "batch_size",
                  "hidden_size", "max_text_length", "image_size", "similarity", "temperature", "max_length",
                  "repeated_targets", "max_users", "max_users_per_source", "pretrain_steps", "pretrain_lr",
                  "nid_weight", "rcl_weight", "nicl_weight", "mixture_temperature", "text_model", "vision_model",
@@ -157,6 +157,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=None)
     parser.add_argument("--learning-rates", type=float, nargs="+", default=None,
                         help="lr grid of every trained row (the step grid: see --patience)")
+    parser.add_argument("--warmup-steps", type=int, default=0,
+                        help="linear lr warmup of every trained row's target training, in steps (then constant)")
     parser.add_argument("--tower-learning-rate", type=float, default=1e-4,
                         help="lr of the towers' trainable blocks (pre-training and every row)")
     parser.add_argument("--trainable-layers", type=int, default=None, help="top tower blocks that train (paper: 2)")
@@ -668,7 +670,8 @@ def train_row(args, setting, model_factory, train_rows, data, collator, cache, p
     best, curves, grid_seconds, grid_steps, runs = None, {}, 0.0, 0, []
     for lr in args.learning_rates:
         model = model_factory()
-        config = training_config(args, max_steps, lr, seed, str(work), eval_steps=every)
+        config = training_config(args, max_steps, lr, seed, str(work), eval_steps=every,
+                                 warmup_steps=args.warmup_steps)
         fitted = fit_with_patience(model, train_rows, data, collator, cache, config, pairs, args.patience)
         grid_seconds += fitted["train_seconds"]
         grid_steps += fitted["steps"]

@@ -159,6 +159,8 @@ def main(argv=None) -> list[dict]:
     own, rest = parse_args(argv)
     bench = _load_transfer()
     args = bench.parse_args(rest)  # the run's platforms and targets: transfer.py's defaults unless `rest` says
+    if args.warmup_steps and own.measurement != "finetuning":
+        raise SystemExit(f"--warmup-steps is an option of finetuning (target training), not of {own.measurement}")
     measured = list(own.measure or [own.target]) if own.measurement == "pretraining" else [own.target]
     for name in [own.target, *measured]:
         if name not in args.targets:
@@ -230,9 +232,10 @@ def main(argv=None) -> list[dict]:
         _freeze(model.item_encoder)
     rows = subset_users(context["data"]["train"], own.fraction, seed=own.seed)
     label = {"model": own.setting, "start": own.start, "fraction": own.fraction, "lr": own.lr,
-             "freeze_item_encoder": own.freeze_item_encoder, "train_users": len(rows)}
+             "freeze_item_encoder": own.freeze_item_encoder, "warmup_steps": args.warmup_steps,
+             "train_users": len(rows)}
     config = bench.training_config(args, own.steps, own.lr, own.seed, str(Path(args.work_dir) / "diagnosis"),
-                                   eval_steps=own.every)
+                                   eval_steps=own.every, warmup_steps=args.warmup_steps)
     curve = bench.fit_with_patience(model, rows, context["data"], context["ids_collator"], context["view"], config,
                                     context["pairs"], patience=own.steps + 1, test_every_point=True)
     for point in curve["points"]:

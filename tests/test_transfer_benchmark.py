@@ -312,6 +312,15 @@ def test_diagnosis_curves_start_from_the_untrained_model_and_a_frozen_item_encod
     trained = diagnosis.main(["finetuning", "--setting", "scratch", "--fraction", "1", "--lr", "1e-2", "--steps", "4",
                               "--every", "2", "--output", str(tmp_path / "t.json"), *common])
     assert len({r["co_occurrence_auc"] for r in trained}) > 1
+    # a warmup longer than the run keeps the lr near zero: the model does not move from where it starts
+    warm = diagnosis.main(["finetuning", "--setting", "scratch", "--fraction", "1", "--lr", "1e-2", "--steps", "4",
+                           "--every", "2", "--output", str(tmp_path / "w.json"), *common, "--warmup-steps", "10000000"])
+    assert {r["warmup_steps"] for r in warm[1:]} == {10000000}
+    assert [r["validation"] for r in warm[1:]] == [trained[1]["validation"]] * 3
+    assert len({r["co_occurrence_auc"] for r in warm}) == 1
+    with pytest.raises(SystemExit, match="--warmup-steps is an option of finetuning"):
+        diagnosis.main(["pretraining", "--steps", "2", "--every", "2", "--output", str(tmp_path / "x.json"), *common,
+                        "--warmup-steps", "2"])
 
 
 @pytest.mark.slow
