@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Leave-one-platform-out transfer benchmark: pre-train PMMRec on every other platform, transfer to the target.
 
-    python benchmarks/transfer.py --quick                     # 2 CPU cores: ~22 min (work dir filled), ~35 first
+    python benchmarks/transfer.py --quick                     # 2 CPU cores: ~22 min (work dir filled), ~31 first
     python benchmarks/transfer.py                             # the protocol (hours on CPU; resumes where it stopped)
     python benchmarks/transfer.py --target shop=/data/shop:text   # the same protocol on a prepared dataset of yours
     python benchmarks/transfer.py --render results.json       # re-print the table / re-draw the plot of a run
