@@ -186,6 +186,20 @@ class BackboneTower(nn.Module):
     def fully_trainable(self) -> bool:
         return self.trainable_layers < 0
 
+    def train(self, mode: bool = True) -> "BackboneTower":
+        """Train mode reaches only the trainable top blocks: the frozen rest of the backbone (stem, lower blocks,
+        the layers after the last block, such as a convolutional head's batch norm) stays in inference mode, so
+        that a frozen part neither drops out nor normalises with batch statistics nor updates its running
+        statistics, and so computes exactly what `frozen_features` (and a feature cache) computed."""
+        super().train(mode)
+        if mode and not self.fully_trainable:
+            _, _, blocks = find_blocks(self.backbone)
+            trainable = {id(m) for block in list(blocks)[self.first_trainable :] for m in block.modules()}
+            for module in self.backbone.modules():
+                if id(module) not in trainable:
+                    module.training = False
+        return self
+
     def apply_freezing(self, example_inputs: dict | None = None) -> None:
         """Freeze everything but the top blocks (or nothing, for trainable_layers = -1), and then every
         parameter that the tower's output does not depend on (poolers, final norms and heads after the
@@ -216,7 +230,7 @@ class BackboneTower(nn.Module):
         saved = {name: p.grad for name, p in trainable.items()}
         for p in trainable.values():
             p.grad = None
-        was_training = self.backbone.training
+        modes = [(m, m.training) for m in self.backbone.modules()]
         self.backbone.eval()  # no dropout, no batch-norm statistics update
         try:
             with torch.random.fork_rng(devices=[]), torch.enable_grad():
@@ -226,7 +240,8 @@ class BackboneTower(nn.Module):
                     output.float().sum().backward()
             unused = sorted(name for name, p in trainable.items() if p.grad is None)
         finally:
-            self.backbone.train(was_training)
+            for module, training in modes:
+                module.training = training
             for name, p in trainable.items():
                 p.grad = saved[name]
         return unused
@@ -280,7 +295,7 @@ class BackboneTower(nn.Module):
                 captured["hidden"] = _first_tensor(output)
 
             handle = blocks[self.num_blocks - 1].register_forward_hook(grab)
-        was_training = self.backbone.training
+        modes = [(m, m.training) for m in self.backbone.modules()]
         self.backbone.eval()
         try:
             self._call(inputs)
@@ -288,7 +303,8 @@ class BackboneTower(nn.Module):
             captured["hidden"] = stop_signal.hidden
         finally:
             handle.remove()
-            self.backbone.train(was_training)
+            for module, training in modes:  # each module's own mode (see `train`: frozen parts stay in eval)
+                module.training = training
         return captured["hidden"]
 
     def forward_from_features(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -952,6 +968,29 @@ class PMMRecItemEncoder(PMMRecPreTrainedModel):
             raise ValueError("The vision tower needs `pixel_values` (or `vision_features`).")
         return self.vision_tower({"pixel_values": pixel_values})
 
+    def _projected_vision_tokens(self, pixel_values, vision_features, image_mask) -> torch.Tensor:
+        """(N, V, d) projected image tokens. Items that `image_mask` marks as having no image do not run through
+        the vision tower: the fusion leaves their image tokens out (as keys and from the mean), so their
+        embeddings do not depend on them, and their tokens are zeros (their `vision_embeddings` are meaningless).
+        On a text-only platform in a multi-modal model that skips the whole tower."""
+        if image_mask is None:
+            return self.vision_projection(self._vision_tokens(pixel_values, vision_features))
+        source = vision_features if vision_features is not None else pixel_values
+        has_image = image_mask.to(device=source.device, dtype=torch.bool)
+        if bool(has_image.all()):
+            return self.vision_projection(self._vision_tokens(pixel_values, vision_features))
+        keep = has_image.nonzero().squeeze(1)
+        run = keep if keep.numel() else torch.zeros(1, dtype=torch.long, device=source.device)  # token shape only
+        tokens = self.vision_projection(self._vision_tokens(
+            None if pixel_values is None else pixel_values[run],
+            None if vision_features is None else vision_features[run]))  # (len(run), V, d)
+        out = tokens.new_zeros((source.shape[0], *tokens.shape[1:]))
+        if keep.numel():
+            return out.index_copy(0, keep, tokens)
+        # no item has an image: zeros, still connected to the tower (zero gradients, so that every trainable
+        # parameter gets a gradient in every step, as DistributedDataParallel requires)
+        return out + 0.0 * tokens.sum()
+
     def _ensure_stem(self, tower: BackboneTower, features, attention_mask) -> None:
         """Features can be given before the tower ever ran on raw inputs (e.g. from a feature cache on a freshly
         loaded model): run its frozen part once on a dummy input so that it knows its stem modules."""
@@ -1027,7 +1066,8 @@ class PMMRecItemEncoder(PMMRecPreTrainedModel):
             )  # (N, T)
             text_emb = _masked_mean(text_tokens, text_mask)  # (N, d)
         if config.uses_vision:
-            vision_tokens = self.vision_projection(self._vision_tokens(pixel_values, vision_features))  # (N,V,d)
+            vision_tokens = self._projected_vision_tokens(
+                pixel_values, vision_features, image_mask if config.modality == "multimodal" else None)  # (N,V,d)
             vision_emb = vision_tokens.mean(1)  # (N, d)
         if config.modality == "multimodal":
             tokens = torch.cat([text_tokens, vision_tokens], dim=1)  # (N, T+V, d)

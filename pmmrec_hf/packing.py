@@ -291,7 +291,8 @@ def packed_item_forward(encoder, packing: TokenPacking, input_ids=None, attentio
                          f"positions, the inputs hold {n} x {width}.")
     text_tokens = encoder.text_projection(_packed_text_tokens(encoder, text_features, packing))  # (Pt, d)
     text_emb = packing.segment_mean(text_tokens, packing.text_token_item, packing.text_count)  # (N, d)
-    vision_tokens = encoder.vision_projection(encoder._vision_tokens(pixel_values, vision_features))  # (N, V, d)
+    # (N, V, d); the items without an image skip the tower (zeros), as in the padded path
+    vision_tokens = encoder._projected_vision_tokens(pixel_values, vision_features, image_mask)
     if vision_tokens.shape[1] != packing.vision_tokens:
         raise ValueError(f"token_packing was planned for {packing.vision_tokens} image tokens per item, the vision "
                          f"tower gives {vision_tokens.shape[1]}.")
