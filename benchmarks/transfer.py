@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Leave-one-platform-out transfer benchmark: pre-train PMMRec on every other platform, transfer to the target.
 
-    python benchmarks/transfer.py --quick                     # 2 CPU cores: ~22 min (work dir filled), ~31 first
+    python benchmarks/transfer.py --quick                     # 2 CPU cores: ~23 min from an empty work dir
     python benchmarks/transfer.py                             # the protocol (hours on CPU; resumes where it stopped)
     python benchmarks/transfer.py --target shop=/data/shop:text   # the same protocol on a prepared dataset of yours
     python benchmarks/transfer.py --render results.json       # re-print the table / re-draw the plot of a run
@@ -128,7 +128,7 @@ PROTOCOL_KEYS = ("targets", "platforms", "single_source", "single_source_rows", 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
-                        help="the small 2-CPU-core variant (defaults in QUICK; ~22 min with the work dir filled)")
+                        help="the small 2-CPU-core variant (defaults in QUICK; ~23 min on 2 cores from an empty work dir)")
     parser.add_argument("--data-root", default=str(REPO.parent / "shared" / "data"))
     parser.add_argument("--work-dir", default="/tmp/pmmrec_transfer",
                         help="prepared data, converted backbone, pre-trained models (never inside the repository)")
