@@ -107,8 +107,8 @@ FINETUNE_OBJECTIVE = dict(next_item_weight=1.0, nicl_weight=0.0, nid_weight=0.0,
 # The tuning budget follows the diagnosis (TRANSFER.md, diagnosis item 5): at lr 3e-4 with 5 evaluations every row was still
 # in its first epochs (Office `scratch` 100%: validation NDCG@10 0.0389 untrained, 0.0389 at step 150, 0.0715 at
 # step 1200 with lr 1e-3); lr 1e-3 with patience 3 lets a row pass its first dip and stop after its peak. Of the
-# transferred rows the quick variant keeps `item_encoder`: the pre-trained user encoder is the part that transfers
-# negatively (diagnosis item 7).
+# transferred rows the quick variant keeps `item_encoder`: the pre-trained user encoder was the part that transferred
+# negatively (diagnosis item 7; after the batch-norm fix of item 10 it is about neutral, item 11).
 QUICK = dict(fractions=[0.1, 0.25], seeds=[0], pretrain_steps=300, max_users_per_source=250, learning_rates=[1e-3],
              patience=3, max_evaluations=24, min_eval_steps=16, max_eval_steps=40, single_source=False,
              trainable_layers=0, settings=[s for s in SETTINGS if s not in ("full", "user_encoder", "full_lora")])
