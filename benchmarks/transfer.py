@@ -182,7 +182,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="a platform's batches are drawn with probability proportional to users ** (1 / T)")
     parser.add_argument("--max-users-per-source", type=int, default=None,
                         help="import only the first N users of each platform that is not a target of the run "
-                             "(a smaller pre-training set: --quick)")
+                             "(a smaller pre-training set: --quick has 250; 0: every user, as the full protocol)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--hidden-size", type=int, default=128)
     parser.add_argument("--max-text-length", type=int, default=32)
@@ -228,6 +228,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("patience", "max_evaluations", "min_eval_steps", "max_eval_steps", "pretrain_steps", "batch_size"):
         if getattr(args, name) < 1 and not (name == "pretrain_steps" and getattr(args, name) == 0):
             parser.error(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.max_users_per_source is not None and args.max_users_per_source < 0:
+        parser.error("--max-users-per-source must be 0 (every user) or a positive integer")
     args.output = args.output or os.path.join(args.work_dir, "results.json")
     return args
 
@@ -1009,6 +1011,7 @@ def plot(rows: list[dict], path: str, title: str = "") -> str | None:
             stds = [statistics.stdev(v) if len(v) > 1 else 0.0 for _, v in points]
             ax.errorbar(xs, means, yerr=stds, fmt=style + "o", capsize=3, color=colours.get(setting), label=label)
         ax.set_xscale("log")
+        ax.minorticks_off()  # only the fractions are labelled on the log axis
         ax.set_xticks(fractions, [f"{f:g}" for f in fractions])
         ax.set_xlabel("target training users (fraction)")
         ax.set_ylabel("test NDCG@10")
@@ -1017,7 +1020,7 @@ def plot(rows: list[dict], path: str, title: str = "") -> str | None:
     if title:
         import textwrap
 
-        fig.suptitle("\n".join(textwrap.wrap(title, 120)), fontsize=9)
+        fig.suptitle("\n".join(textwrap.wrap(title, min(120, 80 * len(datasets)))), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -1027,7 +1030,13 @@ def plot(rows: list[dict], path: str, title: str = "") -> str | None:
 def plot_title(options: dict) -> str:
     return (f"PMMRec leave-one-platform-out transfer: mean ± std over seeds {options.get('seeds')}; every trained row "
             f"lr grid {options.get('learning_rates')}, validation every epoch(s), patience {options.get('patience')}, "
-            f"top {options.get('trainable_layers')} tower block(s) trained; test shown")
+            f"top {options.get('trainable_layers')} tower block(s) trained; pre-training "
+            f"{options.get('pretrain_steps')} steps on {_source_users(options.get('max_users_per_source'))}; "
+            "test shown")
+
+
+def _source_users(cap) -> str:
+    return "every source user" if not cap else f"the first {cap} users of each source"
 
 
 def render(path: str, plot_path: str | None) -> dict:

@@ -140,6 +140,35 @@ def test_targets_of_ones_own_are_named_with_their_folder_and_modality(tmp_path):
     assert bench.parse_args(["--quick"]).single_source == {}
 
 
+def test_the_per_source_user_cap_applies_to_sources_only_and_zero_lifts_it(tmp_path):
+    bench = _load_script()
+    from pmmrec_hf.data.format import load_prepared
+
+    def users(folder):
+        return len(load_prepared(folder)["train"])
+
+    capped = bench.prepare_data(bench.parse_args(["--quick", *TINY, "--work-dir", str(tmp_path / "capped"),
+                                                  "--target", "hm", "--max-users-per-source", "5"]))
+    lifted = bench.prepare_data(bench.parse_args(["--quick", *TINY, "--work-dir", str(tmp_path / "lifted"),
+                                                  "--target", "hm", "--max-users-per-source", "0"]))
+    assert Path(capped["hm"]).name.endswith("-u24") and Path(capped["amazon-office"]).name.endswith("-u5")
+    assert users(capped["hm"]) == 24 and users(capped["amazon-office"]) == 5
+    assert all(Path(f).name.endswith("-u24") for f in lifted.values())  # 0: no cap beyond --max-users
+    assert users(lifted["amazon-office"]) == 24
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--quick", "--max-users-per-source", "-1"])
+
+
+def test_the_plot_title_states_the_pre_training_set():
+    bench = _load_script()
+    options = {"seeds": [0], "learning_rates": [1e-3], "patience": 3, "trainable_layers": 1, "pretrain_steps": 300}
+    assert "pre-training 300 steps on the first 250 users of each source" in bench.plot_title(
+        {**options, "max_users_per_source": 250})
+    for lifted in (0, None):
+        assert "pre-training 300 steps on every source user" in bench.plot_title(
+            {**options, "max_users_per_source": lifted})
+
+
 def test_a_target_is_never_its_own_source():
     bench = _load_script()
     args = bench.parse_args([])
