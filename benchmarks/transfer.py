@@ -713,6 +713,9 @@ def pretrain_key(args, sources: list[str]) -> str:
                                               "mixture_temperature", "text_model", "vision_model", "synthetic",
                                               "tiny_backbones")}
     fields["sources"] = sorted(sources)
+    # 0 and None both mean every source user: one pre-training, so a --quick run with --max-users-per-source 0
+    # and the full protocol share it
+    fields["max_users_per_source"] = fields["max_users_per_source"] or None
     digest = hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:10]
     return f"{'+'.join(sorted(sources))}-{digest}"
 

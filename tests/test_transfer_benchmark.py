@@ -159,6 +159,19 @@ def test_the_per_source_user_cap_applies_to_sources_only_and_zero_lifts_it(tmp_p
         bench.parse_args(["--quick", "--max-users-per-source", "-1"])
 
 
+def test_every_source_user_is_one_pre_training_whether_asked_with_zero_or_by_the_full_protocol():
+    bench = _load_script()
+    sources = ["amazon-games", "movielens-1m"]
+    full = bench.parse_args([])  # FULL: max_users_per_source None
+    quick = bench.parse_args(["--quick", "--trainable-layers", "1", "--pretrain-steps", "3000"])
+    assert full.max_users_per_source is None and quick.max_users_per_source == 250
+    assert bench.pretrain_key(quick, sources) != bench.pretrain_key(full, sources)
+    quick.max_users_per_source = 0
+    assert bench.pretrain_key(quick, sources) == bench.pretrain_key(full, sources)
+    quick.pretrain_steps = 1000  # any other pre-training option still makes another pre-training
+    assert bench.pretrain_key(quick, sources) != bench.pretrain_key(full, sources)
+
+
 def test_the_plot_title_states_the_pre_training_set():
     bench = _load_script()
     options = {"seeds": [0], "learning_rates": [1e-3], "patience": 3, "trainable_layers": 1, "pretrain_steps": 300}
