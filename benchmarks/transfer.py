@@ -795,7 +795,7 @@ class Results:
         self.extra: dict[str, Any] = {"timings_seconds": {}, "pretraining": {}}
         if self.path.is_file() and not fresh:
             saved = json.loads(self.path.read_text())
-            stored = saved.get("protocol_options", {})
+            stored = comparable_options(saved.get("protocol_options", {}))
             differences = [k for k in sorted(set(stored) | set(protocol)) if stored.get(k) != protocol.get(k)]
             if differences:
                 raise SystemExit(f"{self.path} holds results of a different protocol (options differing: "
@@ -1057,7 +1057,15 @@ def render(path: str, plot_path: str | None) -> dict:
 
 def protocol_options(args) -> dict:
     options = {k: getattr(args, k) for k in PROTOCOL_KEYS}
-    return json.loads(json.dumps(options, default=str))
+    return comparable_options(json.loads(json.dumps(options, default=str)))
+
+
+def comparable_options(options: dict) -> dict:
+    """`options` with the spellings of one protocol made one: --max-users-per-source 0 and FULL's None both mean
+    every source user (results JSONs written before this normalisation hold 0)."""
+    if "max_users_per_source" in options:
+        options = {**options, "max_users_per_source": options["max_users_per_source"] or None}
+    return options
 
 
 def set_up(args, timings: dict) -> tuple[Platforms, MapCache, str, str]:

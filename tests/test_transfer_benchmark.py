@@ -172,6 +172,24 @@ def test_every_source_user_is_one_pre_training_whether_asked_with_zero_or_by_the
     assert bench.pretrain_key(quick, sources) != bench.pretrain_key(full, sources)
 
 
+def test_a_run_asked_for_every_source_user_with_zero_resumes_the_full_protocols_results(tmp_path):
+    bench = _load_script()
+    full = bench.parse_args([])
+    zero = bench.parse_args(["--max-users-per-source", "0"])
+    assert bench.protocol_options(zero) == bench.protocol_options(full)
+    # a results JSON of the full protocol written before the normalisation stored 0: it resumes with either spelling
+    path = tmp_path / "results.json"
+    row = {"dataset": "hm", "fraction": 0.1, "setting": "scratch", "seed": 0, "source": "others"}
+    older = {**bench.protocol_options(full), "max_users_per_source": 0}
+    path.write_text(json.dumps({"protocol_options": older, "timings_seconds": {}, "pretraining": {}, "rows": [row]}))
+    for args in (full, zero):
+        results = bench.Results(str(path), bench.protocol_options(args), fresh=False)
+        assert results.rows == [row] and results.has(**row)
+    capped = bench.parse_args(["--max-users-per-source", "250"])
+    with pytest.raises(SystemExit, match="different protocol .*options differing: max_users_per_source\\)"):
+        bench.Results(str(path), bench.protocol_options(capped), fresh=False)
+
+
 def test_the_plot_title_states_the_pre_training_set():
     bench = _load_script()
     options = {"seeds": [0], "learning_rates": [1e-3], "patience": 3, "trainable_layers": 1, "pretrain_steps": 300}
