@@ -57,6 +57,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import statistics
 import sys
 import time
@@ -75,7 +76,9 @@ from pmmrec_hf.configuration_pmmrec import PMMRecConfig, PMMRecUserEncoderConfig
 from pmmrec_hf.data.collator import PMMRecCollator  # noqa: E402
 from pmmrec_hf.feature_cache import FeatureCache  # noqa: E402
 from pmmrec_hf.modeling_pmmrec import PMMRecItemEncoder, PMMRecModel, PMMRecUserEncoder  # noqa: E402
-from pmmrec_hf.training import TrainingConfig, encode_catalogue, evaluate_model, popularity_metrics, train  # noqa: E402
+from pmmrec_hf.training import (  # noqa: E402
+    TrainingConfig, encode_catalogue, evaluate_model, latest_checkpoint, popularity_metrics, train,
+)
 from pmmrec_hf.transfer import apply_lora, load_for_transfer  # noqa: E402
 
 logger = logging.getLogger("transfer_benchmark")
@@ -172,6 +175,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max-eval-steps", type=int, default=None,
                         help="a large training set is evaluated at least every this many steps (within an epoch)")
     parser.add_argument("--pretrain-steps", type=int, default=None)
+    parser.add_argument("--pretrain-save-steps", type=int, default=250,
+                        help="checkpoint a pre-training every N steps (the newest one kept, in the work dir): a run "
+                             "stopped during a pre-training resumes it from there; 0 writes none")
     parser.add_argument("--pretrain-lr", type=float, default=1e-4,
                         help="pre-training lr (the paper's 1e-4; 1e-3 moved the zero-shot model further from the "
                              "target: TRANSFER.md)")
@@ -228,6 +234,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("patience", "max_evaluations", "min_eval_steps", "max_eval_steps", "pretrain_steps", "batch_size"):
         if getattr(args, name) < 1 and not (name == "pretrain_steps" and getattr(args, name) == 0):
             parser.error(f"--{name.replace('_', '-')} must be a positive integer")
+    if args.pretrain_save_steps < 0:
+        parser.error("--pretrain-save-steps must be 0 (no checkpoints) or a positive integer")
     if args.max_users_per_source is not None and args.max_users_per_source < 0:
         parser.error("--max-users-per-source must be 0 (every user) or a positive integer")
     args.output = args.output or os.path.join(args.work_dir, "results.json")
@@ -732,20 +740,31 @@ def pretrain(args, platforms: Platforms, sources: list[str], cache, text_model, 
         return model, json.loads(record_path.read_text())
     inputs = pretraining_inputs(args, platforms, sources)
     model = new_pmmrec(args, text_model, vision_model, "multimodal", pretrain_objective(args), seed=0)
-    config = training_config(args, args.pretrain_steps, args.pretrain_lr, 0, str(folder / "run"),
-                             replace_prob=0.1, shuffle_prob=0.1)
+    run_dir = folder / "run"
+    # a run stopped during this pre-training left checkpoints (complete ones only count): go on from the newest
+    resume = latest_checkpoint(str(run_dir)) if args.pretrain_save_steps else None
+    resumed_from = int(Path(resume).name.split("_")[-1]) if resume else 0
+    if resume:
+        logger.info("pre-training on %s resumes from its checkpoint at step %d (%s)", "+".join(sources),
+                    resumed_from, resume)
+    config = training_config(args, args.pretrain_steps, args.pretrain_lr, 0, str(run_dir), replace_prob=0.1,
+                             shuffle_prob=0.1, save_steps=args.pretrain_save_steps, save_total_limit=1,
+                             resume_from_checkpoint=resume)
     start = time.perf_counter()
     summary = train(model, inputs["train_rows"], inputs["collator"], config, eval_rows=None,
                     save_fn=lambda m, out: None, feature_cache=cache, batch_sampler=inputs["sampler"])
     seconds = time.perf_counter() - start
     model.eval()
+    steps_here = summary["global_step"] - resumed_from
     record = {"sources": sources, "users": inputs["users"], "probabilities": inputs["probabilities"],
-              "steps": summary["global_step"], "train_seconds": summary["train_seconds"], "seconds": seconds,
-              "seconds_per_step": summary["train_seconds"] / max(summary["global_step"], 1),
+              "steps": summary["global_step"], "resumed_from_step": resumed_from,
+              "train_seconds": summary["train_seconds"], "seconds": seconds,  # of the steps this invocation ran
+              "seconds_per_step": summary["train_seconds"] / max(steps_here, 1),
               "trainable_parameters": trainable_parameters(model), "final_losses": summary["last_logs"],
               "log_history": summary.get("log_history", [])}
     model.save_pretrained(folder / "model")
     record_path.write_text(json.dumps(record, indent=1, default=float))  # written last: marks the folder complete
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the finished model replaces them
     logger.info("pre-trained on %s: %d steps in %.1fs (%.2f s/step)", "+".join(sources), record["steps"], seconds,
                 record["seconds_per_step"])
     return model, record

@@ -382,7 +382,7 @@ def _checkpoint_steps(output_dir: str) -> tuple[list[int], list[str]]:
     return sorted(steps), sorted(others)
 
 
-def _latest_checkpoint(output_dir: str) -> str | None:
+def latest_checkpoint(output_dir: str) -> str | None:
     """The newest complete checkpoint; folders that are not one (an interrupted save: no completeness
     marker; or a name that is not step_<N>) are skipped with a warning naming them."""
     steps, skipped = _checkpoint_steps(output_dir)
@@ -503,7 +503,7 @@ def train(
     state = _RunState(eval_history=[], log_history=[])
     resume = config.resume_from_checkpoint
     if resume == "latest":
-        resume = _latest_checkpoint(config.output_dir)
+        resume = latest_checkpoint(config.output_dir)
         if resume is None:  # never a silent start from step 0
             raise FileNotFoundError(
                 f"--resume-from-checkpoint latest: no complete checkpoint under {output_dir / 'checkpoints'}. "

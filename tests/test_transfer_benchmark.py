@@ -190,6 +190,61 @@ def test_a_run_asked_for_every_source_user_with_zero_resumes_the_full_protocols_
         bench.Results(str(path), bench.protocol_options(capped), fresh=False)
 
 
+_KILLED_PRETRAINING = """
+import os, signal, sys
+from pathlib import Path
+sys.path.insert(0, {tests!r})
+import pmmrec_hf.training as training
+from benchmark_scripts import load_benchmark
+
+save = training._save_checkpoint
+def save_then_die(accelerator, output_dir, step, state=None):
+    path = save(accelerator, output_dir, step, state)
+    if step == {kill_after}:  # killed right after the checkpoint of this step is complete
+        os.kill(os.getpid(), signal.SIGKILL)
+    return path
+training._save_checkpoint = save_then_die
+bench = load_benchmark("transfer.py", "transfer_benchmark")
+args = bench.parse_args({argv!r})
+platforms, cache, text_model, vision_model = bench.set_up(args, {{}})
+bench.pretrain(args, platforms, {sources!r}, cache, text_model, vision_model, Path(args.work_dir))
+"""
+
+
+@pytest.mark.slow
+def test_a_pre_training_killed_after_a_checkpoint_resumes_there_and_ends_as_an_uninterrupted_one(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    bench = _load_script()
+    argv = ["--quick", *TINY, "--pretrain-steps", "6", "--pretrain-save-steps", "2"]
+    killed = [*argv, "--work-dir", str(tmp_path / "killed")]
+    sources = bench.source_sets(bench.parse_args(killed), "hm")[0][1]
+    script = _KILLED_PRETRAINING.format(tests=str(Path(__file__).parent), kill_after=4, argv=killed, sources=sources)
+    child = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert child.returncode == -signal.SIGKILL, child.stderr[-3000:]
+    folder = tmp_path / "killed" / "pretrained" / bench.pretrain_key(bench.parse_args(killed), sources)
+    assert not (folder / "record.json").exists()  # not complete: a later run must not load it as pre-trained
+    # killed before the older checkpoint was pruned: both are there, the newest is where the resume starts
+    assert sorted(p.name for p in (folder / "run" / "checkpoints").iterdir()) == ["step_2", "step_4"]
+
+    def pretrained(work_argv):
+        args = bench.parse_args(work_argv)
+        platforms, cache, text_model, vision_model = bench.set_up(args, {})
+        return bench.pretrain(args, platforms, sources, cache, text_model, vision_model, Path(args.work_dir))
+
+    resumed, record = pretrained(killed)
+    assert record["resumed_from_step"] == 4 and record["steps"] == 6
+    assert not (folder / "run" / "checkpoints").exists()  # the finished model replaces the checkpoints
+    whole, whole_record = pretrained([*argv, "--work-dir", str(tmp_path / "whole")])
+    assert whole_record["resumed_from_step"] == 0 and whole_record["steps"] == 6
+    expected = whole.state_dict()
+    assert {k: torch.equal(v, expected[k]) for k, v in resumed.state_dict().items()} == {k: True for k in expected}
+    loaded, _ = pretrained(killed)  # complete now: loaded, not trained again
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+
+
 def test_the_plot_title_states_the_pre_training_set():
     bench = _load_script()
     options = {"seeds": [0], "learning_rates": [1e-3], "patience": 3, "trainable_layers": 1, "pretrain_steps": 300}

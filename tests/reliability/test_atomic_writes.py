@@ -240,7 +240,7 @@ def _train(collator, rows, output_dir, **kw):
 
 @pytest.mark.slow
 def test_training_killed_at_every_boundary_resumes_from_the_newest_complete_checkpoint(training_data, tmp_path):
-    from pmmrec_hf.training import _latest_checkpoint
+    from pmmrec_hf.training import latest_checkpoint
 
     collator, rows = training_data
     out = tmp_path / "run"
@@ -249,7 +249,7 @@ def test_training_killed_at_every_boundary_resumes_from_the_newest_complete_chec
         shutil.rmtree(out, ignore_errors=True)
 
     def check(point):
-        latest = _latest_checkpoint(str(out))
+        latest = latest_checkpoint(str(out))
         if latest is not None:  # complete: its state names its step, its weights load
             step = int(Path(latest).name.removeprefix("step_"))
             assert json.loads((Path(latest) / "trainer_state.json").read_text())["global_step"] == step, point
@@ -266,7 +266,7 @@ def test_training_killed_at_every_boundary_resumes_from_the_newest_complete_chec
     # killed while writing step_4: `latest` resumes from step_2 and the run completes
     setup()
     assert run_child(lambda: _train(collator, rows, out), "before_rename:2") is None  # killed
-    assert _latest_checkpoint(str(out)).endswith("step_2")
+    assert latest_checkpoint(str(out)).endswith("step_2")
     summary = _train(collator, rows, out, resume_from_checkpoint="latest")
     assert summary["global_step"] == 4 and [e["step"] for e in summary["log_history"]] == [1, 2, 3, 4]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_2", "step_4"]
