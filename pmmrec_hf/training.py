@@ -686,6 +686,7 @@ def train(
         if config.stop_after_steps is not None and step >= config.stop_after_steps:
             progress.close()
             accelerator.wait_for_everyone()
+            finish_trackers(accelerator)
             return {"global_step": step, "stopped": True, "eval_history": history, "last_logs": last_logs,
                     "log_history": state.log_history, "skipped_steps": state.skipped_steps}
     progress.close()
@@ -712,7 +713,7 @@ def train(
                "gradient_accumulation_steps": accumulation, "early_stopped": early_stopped}
         write_text_atomic(output_dir / TRAINER_STATE, json.dumps({**asdict(state), **run}, indent=2))
     accelerator.wait_for_everyone()
-    accelerator.end_training()
+    finish_trackers(accelerator)
     return {"global_step": step, "stopped": False, "early_stopped": early_stopped, "eval_history": history,
             "last_logs": last_logs, "log_history": state.log_history, "best_metric": state.best_metric,
             "best_step": state.best_step, "best_checkpoint": state.best_checkpoint,
@@ -720,6 +721,24 @@ def train(
             "num_processes": accelerator.num_processes, "mixed_precision": str(accelerator.mixed_precision),
             "train_seconds": train_seconds, "eval_seconds": timing["eval_seconds"],
             "collator_stats": dict(getattr(collator, "stats", {}))}
+
+
+def finish_trackers(accelerator) -> None:
+    """Close the run's trackers (TensorBoard, ...), flushing what they hold. Unlike
+    ``Accelerator.end_training`` this keeps the process group: a script may train again (pre-train, then
+    fine-tune) under the same launcher; the console scripts destroy it when they end
+    (:func:`destroy_process_group`)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
+
+
+def destroy_process_group() -> None:
+    """Leave the process group the launcher's processes joined, if any (the end of a multi-process script)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _loss_values(outputs) -> dict[str, float]:

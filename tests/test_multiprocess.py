@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launching import free_port, run_launched
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "distributed_worker.py"
@@ -46,12 +45,6 @@ STEPS = 6
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(processes: int, record: Path, script: str, args: list[str], cwd: Path) -> list[dict]:
     """Run `script` under `processes` processes; return each process's record (rank order)."""
     worker = [str(WORKER), "--expect-world-size", str(processes), "--record", str(record), script]
@@ -60,10 +53,10 @@ def launch(processes: int, record: Path, script: str, args: list[str], cwd: Path
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
                    str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(_free_port())] + worker + args
+                   "--main_process_port", str(free_port())] + worker + args
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("WORLD_SIZE", None)
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=cwd)
+    result = run_launched(command, env=env, cwd=cwd, timeout=450)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     records = [json.loads((record / f"rank{r}.json").read_text()) for r in range(processes)]
     for rank, rec in enumerate(records):  # asserted inside each process too; recorded for the reader
@@ -198,3 +191,53 @@ def test_per_platform_batches_put_one_platform_in_every_step_of_two_processes(tm
     platforms = [({i >= 30 for i in a}, {i >= 30 for i in b}) for a, b in steps]  # item rows 30.. are books
     assert all(len(a) == 1 and a == b for a, b in platforms)  # one platform per batch, the same on both processes
     assert {next(iter(a)) for a, _ in platforms} == {False, True}  # both platforms drawn
+
+
+TWO_TRAININGS = r'''
+import json, os, sys
+import torch
+import torch.distributed as dist
+from pmmrec_hf.data.collator import PMMRecCollator
+from pmmrec_hf.data.synthetic import make_synthetic_dataset
+from pmmrec_hf.sasrec import SASRecConfig, SASRecModel
+from pmmrec_hf.training import TrainingConfig, train
+
+rank, out = int(os.environ["RANK"]), sys.argv[1]
+data = make_synthetic_dataset(num_items=20, num_users=32, seed=0, max_length=6, image_size=4)
+collator = PMMRecCollator(data.items, modality="ids", max_length=6)
+rows = [dict(r) for r in data.splits["train"]]
+record = {"world_sizes": [], "weights": []}
+for run in range(2):  # e.g. pre-train, then fine-tune, in one script under one launcher
+    torch.manual_seed(0)
+    model = SASRecModel(SASRecConfig(num_items=len(collator.items), hidden_size=8, intermediate_size=16,
+                                     max_position_embeddings=6, num_hidden_layers=1))
+    summary = train(model, rows, collator, TrainingConfig(output_dir=f"{out}/run{run}", batch_size=4, max_steps=3,
+                                                          eval_steps=0, report_to="none", learning_rate=1e-2))
+    # the group the first run's Accelerator started, still there after each run
+    assert dist.is_initialized() and dist.get_world_size() == 2 and dist.get_rank() == rank, run
+    record["world_sizes"].append([summary["num_processes"], dist.get_world_size()])
+    record["weights"].append([float(p.double().sum()) for p in model.parameters()])
+open(f"{out}/rank{rank}.json", "w").write(json.dumps(record))
+dist.destroy_process_group()
+'''
+
+
+def test_one_launched_script_trains_twice_on_two_processes(tmp_path):
+    # train() keeps the process group (Accelerator.end_training would destroy it and the second run would find
+    # none); the console scripts leave it when they end
+    script = tmp_path / "two_trainings.py"
+    script.write_text(TWO_TRAININGS)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(free_port()), str(script), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("WORLD_SIZE", None)
+    result = run_launched(command, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for record in ranks:
+        assert record["world_sizes"] == [[2, 2], [2, 2]]
+        assert record["weights"][0] == record["weights"][1]  # same seed, same data: the same run twice
+    assert ranks[0]["weights"] == ranks[1]["weights"]
+    for run in range(2):
+        assert json.loads((tmp_path / f"run{run}" / "trainer_state.json").read_text())["num_processes"] == 2

@@ -60,6 +60,10 @@ def run_cli(prog: str, main: Callable, argv=None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+    finally:  # a launched process leaves its process group when the command ends (train() keeps it)
+        from ..training import destroy_process_group
+
+        destroy_process_group()
     return result if isinstance(result, int) else 0
 
 

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from launching import free_port, run_launched
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 ROOT = Path(__file__).resolve().parents[2]
@@ -19,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = r'''
 import json, os, sys
 import torch
+import torch.distributed as dist
 from pmmrec_hf.data.collator import PMMRecCollator
 from pmmrec_hf.data.synthetic import make_synthetic_dataset
 from pmmrec_hf.sasrec import SASRecConfig, SASRecModel
@@ -49,19 +49,16 @@ try:
     train(model(), rows, collator, TrainingConfig(output_dir=out + "/raise", **config))
 except FloatingPointError as err:
     record["raised"] = str(err)
+assert dist.is_initialized() and dist.get_world_size() == 2 and dist.get_rank() == rank, "not one 2-process group"
 m = model()
 summary = train(m, rows, collator, TrainingConfig(output_dir=out + "/skip", on_non_finite="skip", **config))
 record["skipped_steps"] = summary["skipped_steps"]
 record["global_step"] = summary["global_step"]
 record["weights"] = [float(p.double().sum()) for p in m.parameters()]
+assert dist.is_initialized() and dist.get_world_size() == 2  # train() leaves the group to the script
+dist.destroy_process_group()
 open(f"{out}/rank{rank}.json", "w").write(json.dumps(record))
 '''
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_nan_loss_on_one_process_is_decided_alike_on_every_process(tmp_path):
@@ -69,10 +66,10 @@ def test_a_nan_loss_on_one_process_is_decided_alike_on_every_process(tmp_path):
     script.write_text(SCRIPT)
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "--main_process_port", str(_free_port()), str(script), str(tmp_path)]
+               "--main_process_port", str(free_port()), str(script), str(tmp_path)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     env.pop("WORLD_SIZE", None)
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    result = run_launched(command, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[1]["raised"].startswith("Training diverged: the loss is nan at step 2 (next_item_loss ")
